@@ -1,0 +1,1 @@
+"""Public Keras layers of keras_infini (one layer family per module)."""

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install the test dependencies into .venv (once) and run the whole suite on
+# TensorFlow, JAX and PyTorch. Exits non-zero if any backend fails.
+# Usage: bash scripts/test_all_backends.sh [extra pytest args]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  "$PY" -m venv .venv || exit 1
+fi
+.venv/bin/pip install -q -r requirements-test.txt -e . || exit 1
+status=0
+for backend in jax tensorflow torch; do
+  echo "=== KERAS_BACKEND=$backend ==="
+  start=$(date +%s)
+  KERAS_BACKEND=$backend .venv/bin/python -m pytest tests -q -p no:cacheprovider "$@"
+  rc=$?
+  echo "=== $backend: exit $rc in $(( $(date +%s) - start )) s ==="
+  [[ $rc -ne 0 ]] && status=1
+done
+exit $status
