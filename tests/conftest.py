@@ -22,3 +22,34 @@ def _seed_and_policy():
 
 def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def gradients(loss_fn, variables):
+    """Gradients of the scalar `loss_fn()` with respect to Keras `variables`, any backend.
+
+    Returns NumPy arrays (None where a variable does not affect the loss).
+    """
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = loss_fn()
+        grads = tape.gradient(loss, [v.value for v in variables])
+    elif BACKEND == "torch":
+        import torch
+
+        loss = loss_fn()
+        grads = torch.autograd.grad(
+            loss, [v.value for v in variables], allow_unused=True
+        )
+    elif BACKEND == "jax":
+        import jax
+
+        def pure(values):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return loss_fn()
+
+        grads = jax.grad(pure)([v.value for v in variables])
+    else:  # pragma: no cover
+        raise NotImplementedError(BACKEND)
+    return [None if g is None else to_numpy(g) for g in grads]

@@ -1,0 +1,370 @@
+"""CompressiveMemory: Infini-attention (arXiv 2404.07143) as a Keras 3 layer."""
+
+import numbers
+
+import keras
+from keras import ops
+
+from keras_infini.layers.rotary import RoPEEmbeddings
+from keras_infini.ops import attention as attention_ops
+from keras_infini.ops import memory as memory_ops
+from keras_infini.ops import segments as segment_ops
+
+UPDATES = ("linear", "delta")
+
+
+def check_positive_int(name, value, allow_none=False):
+    """Raises a ValueError naming `name` unless `value` is a positive int."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        allowed = "a positive integer" + (" or None" if allow_none else "")
+        raise ValueError(f"Invalid {name}={value!r}: expected {allowed}.")
+
+
+def check_sampling_factor(value):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 1:
+        raise ValueError(
+            f"Invalid sampling_factor={value!r}: expected None or a number greater than 1."
+        )
+
+
+def resolve_positional_embedder(positional_embedder, dim_key, segment_len):
+    """Turns the `positional_embedder` argument into an embedder layer or None."""
+    if positional_embedder is None:
+        return None
+    if isinstance(positional_embedder, str):
+        if positional_embedder == "rope":
+            return RoPEEmbeddings(dim=dim_key, seq_len=segment_len)
+        if positional_embedder == "yarn":
+            raise ValueError(
+                "Invalid positional_embedder='yarn': YaRN needs its context lengths. Pass "
+                "positional_embedder=YaRNEmbeddings(dim=dim_key, seq_len=segment_len, "
+                "context_len=..., context_len_ext=...) instead."
+            )
+        raise ValueError(
+            f"Invalid positional_embedder={positional_embedder!r}: expected None, 'rope', "
+            "or a RoPEEmbeddings / YaRNEmbeddings instance."
+        )
+    if isinstance(positional_embedder, dict):
+        positional_embedder = keras.saving.deserialize_keras_object(positional_embedder)
+    if not isinstance(positional_embedder, RoPEEmbeddings):
+        raise ValueError(
+            f"Invalid positional_embedder={positional_embedder!r}: expected None, 'rope', "
+            "or a RoPEEmbeddings / YaRNEmbeddings instance."
+        )
+    if positional_embedder.dim != dim_key:
+        raise ValueError(
+            f"Invalid positional_embedder: its dim={positional_embedder.dim} must equal "
+            f"dim_key={dim_key}."
+        )
+    return positional_embedder
+
+
+@keras.saving.register_keras_serializable(package="keras_infini")
+class CompressiveMemory(keras.layers.Layer):
+    """Infini-attention: local softmax attention plus a compressive memory across segments.
+
+    The input is split into segments of `segment_len` tokens. Inside a segment every
+    head does exact (optionally causal) softmax attention; across segments it reads from
+    and writes to a fixed-size memory `M` `(dim_key, dim_value)` with normaliser `z`
+    (Munkhdalai et al. 2024, eqs. 3-10), so memory use does not grow with the length:
+
+        A_dot = softmax(Q' K'^T / sqrt(dim_key) + mask) V          (Q', K' rotated)
+        A_mem = sigma(Q) M_{s-1} / (sigma(Q) z_{s-1} + eps)         sigma = elu + 1
+        linear: M_s = M_{s-1} + sigma(K)^T V
+        delta:  M_s = M_{s-1} + sigma(K)^T (V - sigma(K) M_{s-1} / (sigma(K) z_{s-1} + eps))
+        z_s = z_{s-1} + sum_t sigma(K_t)
+        A = sigmoid(gate) * A_mem + (1 - sigmoid(gate)) * A_dot
+
+    Heads are concatenated and projected back to `dim_input`. Nothing loops over segments
+    in Python: local attention runs on all segments at once, the `linear` memory state
+    before each segment is an exclusive cumulative sum, and the `delta` recurrence is an
+    `ops.scan` (JAX, torch) or a parallel associative scan (TensorFlow, XLA-friendly).
+    Memory, normaliser and retrieval are float32 under any dtype policy.
+
+    Sequences of any length work: the layer pads to a multiple of `segment_len`, masks
+    the padding and trims the output. To stream unbounded input, call the layer on
+    chunks whose length is a multiple of `segment_len` with `return_state=True` and pass
+    `initial_state=(memory, norm)` along: the outputs equal one call on the whole
+    sequence. A chunk that is not a multiple ends in a partial segment, and the next
+    chunk starts a new segment (positions restart at 0).
+
+    Args:
+        dim_input: model width `D`, or `None` to take it from the input at build time.
+        dim_key: per-head key/query width.
+        dim_value: per-head value width.
+        num_heads: number of heads.
+        segment_len: tokens per segment.
+        sampling_factor: `None` or a number > 1. Accepted for compatibility with the
+            original PyTorch API; it does not change the computation.
+        update: `"linear"` or `"delta"` memory update.
+        causal: causal masking inside each segment (the memory only ever holds earlier
+            segments, so the layer is causal as a whole).
+        positional_embedder: `None`, `"rope"` (a `RoPEEmbeddings(dim_key, segment_len)`),
+            or a `RoPEEmbeddings` / `YaRNEmbeddings` instance with `dim == dim_key`. It
+            rotates queries and keys of the local attention only, at segment-local
+            positions; the memory uses unrotated `Q`, `K`.
+        init_state_learnable: learn the initial memory (`initial_memory`, zeros) and
+            normaliser (`initial_norm`, ones, kept non-negative). Otherwise the initial
+            state is zeros.
+        return_state: also return the final `(memory, norm)` (float32).
+        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: `(batch, seq_len, dim_input)`.
+        mask: optional `(batch, seq_len)` boolean mask; masked tokens are neither attended
+            to nor written to memory. Propagated to the output.
+        positions: optional `(batch, seq_len)` integer segment-local positions for the
+            embedder (default `0..segment_len-1` in every segment).
+        initial_state: optional `(memory (batch, heads, dim_key, dim_value),
+            norm (batch, heads, dim_key))`, overriding the default initial state.
+        training: unused (no dropout), accepted for Keras compatibility.
+
+    Returns:
+        `(batch, seq_len, dim_input)`, or `(outputs, memory, norm)` with `return_state`.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_infini import CompressiveMemory, RoPEEmbeddings
+    >>> layer = CompressiveMemory(dim_input=32, dim_key=8, dim_value=8, num_heads=2,
+    ...                           segment_len=16, update="delta", causal=True,
+    ...                           positional_embedder=RoPEEmbeddings(dim=8, seq_len=16))
+    >>> y = layer(keras.random.normal((2, 100, 32)))
+    >>> tuple(y.shape)
+    (2, 100, 32)
+    """
+
+    def __init__(
+        self,
+        dim_input,
+        dim_key,
+        dim_value,
+        num_heads,
+        segment_len,
+        sampling_factor=None,
+        update="linear",
+        causal=False,
+        positional_embedder=None,
+        init_state_learnable=False,
+        return_state=False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        check_positive_int("dim_input", dim_input, allow_none=True)
+        check_positive_int("dim_key", dim_key)
+        check_positive_int("dim_value", dim_value)
+        check_positive_int("num_heads", num_heads)
+        check_positive_int("segment_len", segment_len)
+        check_sampling_factor(sampling_factor)
+        if update not in UPDATES:
+            raise ValueError(f"Invalid update={update!r}: expected one of {UPDATES}.")
+        self.dim_input = None if dim_input is None else int(dim_input)
+        self.dim_key = int(dim_key)
+        self.dim_value = int(dim_value)
+        self.num_heads = int(num_heads)
+        self.segment_len = int(segment_len)
+        self.sampling_factor = sampling_factor
+        self.update = update
+        self.causal = bool(causal)
+        self._embedder_arg = positional_embedder
+        self.positional_embedder = resolve_positional_embedder(
+            positional_embedder, self.dim_key, self.segment_len
+        )
+        self.init_state_learnable = bool(init_state_learnable)
+        self.return_state = bool(return_state)
+        self.supports_masking = True
+
+    # ------------------------------------------------------------------ build
+    def build(self, input_shape):
+        if len(input_shape) != 3:
+            raise ValueError(
+                f"CompressiveMemory expects inputs of rank 3 (batch, seq_len, dim_input); "
+                f"received inputs with shape {tuple(input_shape)}."
+            )
+        last = input_shape[-1]
+        if last is None:
+            raise ValueError("The last axis of the inputs (dim_input) must be known.")
+        if self.dim_input is None:
+            self.dim_input = int(last)
+        elif int(last) != self.dim_input:
+            raise ValueError(
+                f"Invalid inputs: last axis {last} does not match dim_input={self.dim_input}."
+            )
+        h, dk, dv, d = self.num_heads, self.dim_key, self.dim_value, self.dim_input
+
+        def projection(name, equation, output_shape):
+            layer = keras.layers.EinsumDense(
+                equation,
+                output_shape=output_shape,
+                kernel_initializer="glorot_uniform",
+                name=name,
+                dtype=self.dtype_policy,
+            )
+            return layer
+
+        # The projections run on the folded `(batch, n, S, ...)` layout, so the layer
+        # never hands its (possibly masked) input tensor itself to a sublayer.
+        self.query_dense = projection("query", "bnsd,dhk->bnhsk", (None, h, self.segment_len, dk))
+        self.key_dense = projection("key", "bnsd,dhk->bnhsk", (None, h, self.segment_len, dk))
+        self.value_dense = projection("value", "bnsd,dhv->bnhsv", (None, h, self.segment_len, dv))
+        self.output_dense = projection("output", "bnhsv,hvd->bnsd", (None, self.segment_len, d))
+        for dense in (self.query_dense, self.key_dense, self.value_dense):
+            dense.build((None, None, self.segment_len, d))
+        self.output_dense.build((None, None, h, self.segment_len, dv))
+        self.gate = self.add_weight(
+            name="gate", shape=(h,), initializer="zeros", trainable=True
+        )
+        if self.init_state_learnable:
+            # autocast=False: recurrent state stays float32 under mixed precision.
+            self.initial_memory = self.add_weight(
+                name="initial_memory",
+                shape=(h, dk, dv),
+                initializer="zeros",
+                autocast=False,
+                dtype="float32",
+            )
+            self.initial_norm = self.add_weight(
+                name="initial_norm",
+                shape=(h, dk),
+                initializer="ones",
+                constraint=keras.constraints.NonNeg(),
+                autocast=False,
+                dtype="float32",
+            )
+        if self.positional_embedder is not None and not self.positional_embedder.built:
+            self.positional_embedder.build((None, None, h, dk))
+        self.built = True
+
+    # ------------------------------------------------------------------ state
+    def get_initial_state(self, batch_size):
+        """The state before the first segment: `(memory, norm)`, float32."""
+        h, dk, dv = self.num_heads, self.dim_key, self.dim_value
+        if self.init_state_learnable:
+            memory = ops.broadcast_to(
+                ops.cast(self.initial_memory, "float32")[None], (batch_size, h, dk, dv)
+            )
+            norm = ops.broadcast_to(
+                ops.cast(self.initial_norm, "float32")[None], (batch_size, h, dk)
+            )
+            return memory, norm
+        return (
+            ops.zeros((batch_size, h, dk, dv), dtype="float32"),
+            ops.zeros((batch_size, h, dk), dtype="float32"),
+        )
+
+    # ------------------------------------------------------------------ call
+    def call(self, inputs, mask=None, positions=None, initial_state=None, training=None):
+        seg = self.segment_len
+        length = segment_ops.static_or_dynamic_dim(inputs, 1)
+        batch = segment_ops.static_or_dynamic_dim(inputs, 0)
+
+        # Pad to whole segments; `valid` marks real, unmasked tokens (float32, 0/1).
+        valid = segment_ops.fold(segment_ops.valid_tokens(inputs, mask, seg), seg)
+        x = segment_ops.pad_to_segments(ops.cast(inputs, self.compute_dtype), seg, axis=1)
+        x = segment_ops.fold(x, seg)  # (b, n, S, D)
+
+        query = self.query_dense(x)  # (b, n, h, S, dk)
+        key = self.key_dense(x)
+        value = self.value_dense(x)  # (b, n, h, S, dv)
+
+        # 1. Local attention, all segments at once.
+        if self.positional_embedder is not None:
+            if positions is None:
+                pos = ops.arange(seg, dtype="int32")  # (S,): broadcasts over batch and heads
+            else:
+                pos = segment_ops.pad_to_segments(ops.cast(positions, "int32"), seg)
+                pos = segment_ops.fold(pos, seg)[:, :, None, :]  # (b, n, 1, S)
+            query_rot = self.positional_embedder(query, positions=pos)
+            key_rot = self.positional_embedder(key, positions=pos)
+        else:
+            query_rot, key_rot = query, key
+        local_mask = attention_ops.attention_mask(valid, self.causal)
+        attended = attention_ops.local_attention(query_rot, key_rot, value, local_mask)
+
+        # 2-3. Memory states before each segment (float32) and retrieval.
+        if initial_state is None:
+            memory0, norm0 = self.get_initial_state(batch)
+        else:
+            memory0, norm0 = initial_state
+            memory0 = ops.cast(memory0, "float32")
+            norm0 = ops.cast(norm0, "float32")
+        sigma_k = memory_ops.sigma(key) * valid[:, :, None, :, None]
+        value32 = ops.cast(value, "float32")
+        norm_before, norm_final = memory_ops.norm_states(sigma_k, norm0)
+        if self.update == "linear":
+            memory_before, memory_final = memory_ops.linear_memory_states(
+                sigma_k, value32, memory0
+            )
+        else:
+            memory_before, memory_final = memory_ops.delta_memory_states(
+                sigma_k, value32, norm_before, memory0
+            )
+        retrieved = memory_ops.retrieve(memory_ops.sigma(query), memory_before, norm_before)
+        retrieved = ops.cast(retrieved, self.compute_dtype)
+
+        # 4. Gate per head, concatenate heads, project.
+        gate = ops.sigmoid(ops.cast(self.gate, self.compute_dtype))[:, None, None]  # (h, 1, 1)
+        mixed = gate * retrieved + (1.0 - gate) * attended
+        outputs = segment_ops.unfold(self.output_dense(mixed))
+        outputs = segment_ops.trim(outputs, length)
+        if self.return_state:
+            return outputs, memory_final, norm_final
+        return outputs
+
+    def compute_mask(self, inputs, mask=None):
+        if self.return_state:
+            return [mask, None, None]
+        return mask
+
+    def compute_output_shape(self, input_shape, *args, **kwargs):
+        dim = self.dim_input if self.dim_input is not None else input_shape[-1]
+        out = (input_shape[0], input_shape[1], dim)
+        if self.return_state:
+            b, h = input_shape[0], self.num_heads
+            return out, (b, h, self.dim_key, self.dim_value), (b, h, self.dim_key)
+        return out
+
+    def compute_output_spec(self, inputs, *args, **kwargs):
+        shapes = self.compute_output_shape(inputs.shape)
+        if self.return_state:
+            return (
+                keras.KerasTensor(shapes[0], dtype=self.compute_dtype),
+                keras.KerasTensor(shapes[1], dtype="float32"),
+                keras.KerasTensor(shapes[2], dtype="float32"),
+            )
+        return keras.KerasTensor(shapes, dtype=self.compute_dtype)
+
+    # ------------------------------------------------------------------ config
+    def get_config(self):
+        config = super().get_config()
+        embedder = self._embedder_arg
+        if embedder is not None and not isinstance(embedder, str):
+            embedder = keras.saving.serialize_keras_object(self.positional_embedder)
+        config.update(
+            {
+                "dim_input": self.dim_input,
+                "dim_key": self.dim_key,
+                "dim_value": self.dim_value,
+                "num_heads": self.num_heads,
+                "segment_len": self.segment_len,
+                "sampling_factor": self.sampling_factor,
+                "update": self.update,
+                "causal": self.causal,
+                "positional_embedder": embedder,
+                "init_state_learnable": self.init_state_learnable,
+                "return_state": self.return_state,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        embedder = config.get("positional_embedder")
+        if isinstance(embedder, dict):
+            config["positional_embedder"] = keras.saving.deserialize_keras_object(embedder)
+        return cls(**config)

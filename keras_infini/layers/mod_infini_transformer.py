@@ -1,0 +1,244 @@
+"""MoDInfiniTransformer: Mixture-of-Depths routing (arXiv 2404.02258) around an InfiniTransformer."""
+
+import fractions
+import math
+import numbers
+
+import keras
+from keras import ops
+
+from keras_infini.layers.compressive_memory import check_positive_int
+from keras_infini.layers.infini_transformer import InfiniTransformer
+from keras_infini.ops import routing
+from keras_infini.ops import segments as segment_ops
+
+
+def segment_capacity(segment_len, sampling_factor):
+    """`ceil(segment_len / sampling_factor)` computed exactly.
+
+    The factor is read as the decimal the user wrote (`1.4` is 7/5), so
+    `segment_capacity(21, 1.4) == 15`, where float division gives 16.
+    """
+    if isinstance(sampling_factor, numbers.Integral):
+        factor = fractions.Fraction(int(sampling_factor))
+    else:
+        factor = fractions.Fraction(repr(float(sampling_factor)))
+    return math.ceil(fractions.Fraction(segment_len) / factor)
+
+
+@keras.saving.register_keras_serializable(package="keras_infini")
+class MoDInfiniTransformer(InfiniTransformer):
+    """Mixture-of-Depths `InfiniTransformer`: only `k` tokens per segment enter the block.
+
+    A router (`Dense(1)`, attribute `router`) gives each token a logit `r`. In every
+    segment of `segment_len` tokens, `k = ceil(segment_len / sampling_factor)` tokens are
+    selected, gathered in their original order and run through the block (attention +
+    MLP) with their original in-segment positions; a selected token's output is
+    `x + sigmoid(r) * (block(x_sel) - x)` and every other token passes through unchanged
+    (the `sigmoid(r)` factor gives the router a gradient from the main loss, MoD sec. 3.4).
+    The inner `CompressiveMemory` uses segment length `k`; the positional embedder is
+    built for `segment_len`.
+
+    - Training: the `k` real tokens with the highest `r` per segment (masked and padding
+      tokens never compete). A router loss, the binary cross-entropy from logits between
+      `r` and the (stop-gradient) selection, averaged over real tokens and multiplied by
+      `router_loss_weight`, is added with `add_loss`, so `model.fit` trains the router
+      with no custom loop. `model.evaluate` runs in inference mode and therefore reports
+      no router loss.
+    - Inference: causal, first come first served: a token is routed iff `r > 0` and fewer
+      than `k` earlier tokens of its segment were routed. Unused slots are masked, so any
+      batch size works with static shapes.
+
+    Args:
+        dim_input, dim_hidden, dim_key, dim_value, num_heads, activation, segment_len:
+            as in `InfiniTransformer`.
+        sampling_factor: number in `(1, segment_len)`: a segment keeps
+            `ceil(segment_len / sampling_factor)` tokens.
+        update, causal, positional_embedder, init_state_learnable, dropout,
+        normalize_first, layer_norm_epsilon, return_state: as in `InfiniTransformer`.
+        router_loss_weight: non-negative weight of the router loss.
+        return_router_outputs: also return `selection` (float 0/1, the routing used) and
+            `logits`, both `(batch * seq_len, 1)`.
+        **kwargs: standard `keras.layers.Layer` arguments.
+
+    Call arguments:
+        inputs: `(batch, seq_len, dim_input)`.
+        mask: optional `(batch, seq_len)` Keras mask; masked tokens are never routed.
+        initial_state: optional `(memory, norm)` of the inner attention, for streaming.
+        training: selects top-k routing (and the router loss) or causal routing.
+
+    Returns:
+        `outputs`; with `return_router_outputs`, `(outputs, selection, logits)`; with
+        `return_state` too, `(outputs, selection, logits, memory, norm)`; with only
+        `return_state`, `(outputs, memory, norm)`.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_infini import MoDInfiniTransformer
+    >>> block = MoDInfiniTransformer(32, 64, 8, 8, 4, "gelu", segment_len=16,
+    ...                              sampling_factor=4, causal=True,
+    ...                              positional_embedder="rope")
+    >>> tuple(block(keras.random.normal((2, 40, 32))).shape)
+    (2, 40, 32)
+    """
+
+    def __init__(
+        self,
+        dim_input,
+        dim_hidden,
+        dim_key,
+        dim_value,
+        num_heads,
+        activation,
+        segment_len,
+        sampling_factor,
+        update="linear",
+        causal=False,
+        positional_embedder=None,
+        init_state_learnable=False,
+        dropout=0.0,
+        normalize_first=True,
+        layer_norm_epsilon=1e-5,
+        return_state=False,
+        router_loss_weight=1.0,
+        return_router_outputs=False,
+        **kwargs,
+    ):
+        check_positive_int("segment_len", segment_len)
+        if (
+            isinstance(sampling_factor, bool)
+            or not isinstance(sampling_factor, numbers.Real)
+            or not 1 < sampling_factor < segment_len
+        ):
+            raise ValueError(
+                f"Invalid sampling_factor={sampling_factor!r}: expected a number in "
+                f"(1, segment_len={segment_len})."
+            )
+        if (
+            isinstance(router_loss_weight, bool)
+            or not isinstance(router_loss_weight, numbers.Real)
+            or router_loss_weight < 0
+        ):
+            raise ValueError(
+                f"Invalid router_loss_weight={router_loss_weight!r}: expected a number >= 0."
+            )
+        self.sampling_factor = sampling_factor
+        self.capacity = segment_capacity(segment_len, sampling_factor)
+        self.router_loss_weight = float(router_loss_weight)
+        self.return_router_outputs = bool(return_router_outputs)
+        super().__init__(
+            dim_input,
+            dim_hidden,
+            dim_key,
+            dim_value,
+            num_heads,
+            activation,
+            segment_len,
+            update=update,
+            causal=causal,
+            positional_embedder=positional_embedder,
+            init_state_learnable=init_state_learnable,
+            dropout=dropout,
+            normalize_first=normalize_first,
+            layer_norm_epsilon=layer_norm_epsilon,
+            return_state=return_state,
+            **kwargs,
+        )
+        self.router = keras.layers.Dense(1, dtype=self.dtype_policy, name="router")
+
+    def attention_segment_len(self):
+        return self.capacity
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.router.build((None, None, self.dim_input))
+
+    def call(self, inputs, mask=None, initial_state=None, training=None):
+        seg, k = self.segment_len, self.capacity
+        batch = segment_ops.static_or_dynamic_dim(inputs, 0)
+        length = segment_ops.static_or_dynamic_dim(inputs, 1)
+
+        logits = self.router(inputs)  # (b, L, 1)
+        valid = segment_ops.fold(segment_ops.valid_tokens(inputs, mask, seg), seg)
+        x = segment_ops.fold(segment_ops.pad_to_segments(inputs, seg), seg)  # (b, n, S, D)
+        r = segment_ops.fold(segment_ops.pad_to_segments(logits[..., 0], seg), seg)
+
+        if training:
+            indices, slot_valid = routing.top_k_selection(r, valid, k)
+        else:
+            indices, slot_valid = routing.causal_selection(r, valid, k)
+        selected = routing.selection_mask(indices, slot_valid, seg)  # (b, n, S) float32
+
+        x_sel = routing.gather_slots(x, indices)  # (b, n, k, D)
+        r_sel = routing.gather_slots(r, indices)  # (b, n, k)
+        y_sel, memory, norm = self.block(
+            segment_ops.unfold(x_sel),
+            mask=ops.reshape(slot_valid > 0, (batch, -1)),
+            positions=ops.reshape(indices, (batch, -1)),
+            initial_state=initial_state,
+            training=training,
+        )
+        y_sel = segment_ops.fold(y_sel, k)
+        update = ops.sigmoid(r_sel)[..., None] * (y_sel - x_sel)
+        outputs = x + routing.scatter_slots(update, indices, selected)
+        outputs = segment_ops.trim(segment_ops.unfold(outputs), length)
+
+        selection = segment_ops.trim(segment_ops.unfold(selected), length)  # (b, L)
+        if training and self.router_loss_weight > 0:
+            self.add_loss(self.router_loss(logits[..., 0], selection, mask))
+
+        results = [outputs]
+        if self.return_router_outputs:
+            results += [ops.reshape(selection, (-1, 1)), ops.reshape(logits, (-1, 1))]
+        if self.return_state:
+            results += [memory, norm]
+        return results[0] if len(results) == 1 else tuple(results)
+
+    def router_loss(self, logits, selection, mask=None):
+        """Mean BCE-from-logits over real tokens between `logits` and the selection."""
+        logits = ops.cast(logits, "float32")
+        target = ops.stop_gradient(ops.cast(selection, "float32"))
+        # Stable BCE from logits: max(r, 0) - r * y + log(1 + exp(-|r|)).
+        bce = ops.relu(logits) - logits * target + ops.log1p(ops.exp(-ops.abs(logits)))
+        if mask is None:
+            loss = ops.mean(bce)
+        else:
+            weight = ops.cast(mask, "float32")
+            loss = ops.sum(bce * weight) / ops.maximum(ops.sum(weight), 1.0)
+        return self.router_loss_weight * loss
+
+    def compute_mask(self, inputs, mask=None):
+        extra = 2 * self.return_router_outputs + 2 * self.return_state
+        return [mask] + [None] * extra if extra else mask
+
+    def compute_output_shape(self, input_shape, *args, **kwargs):
+        out = super().compute_output_shape(input_shape)
+        if not self.return_router_outputs:
+            return out
+        b, length = input_shape[0], input_shape[1]
+        flat = None if b is None or length is None else b * length
+        main, state = (out[0], out[1:]) if self.return_state else (out, ())
+        return (main, (flat, 1), (flat, 1)) + tuple(state)
+
+    def compute_output_spec(self, inputs, *args, **kwargs):
+        shapes = self.compute_output_shape(inputs.shape)
+        if not (self.return_router_outputs or self.return_state):
+            return keras.KerasTensor(shapes, dtype=self.compute_dtype)
+        dtypes = [self.compute_dtype]
+        if self.return_router_outputs:
+            dtypes += ["float32", self.compute_dtype]
+        if self.return_state:
+            dtypes += ["float32", "float32"]
+        return tuple(keras.KerasTensor(s, dtype=d) for s, d in zip(shapes, dtypes))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "sampling_factor": self.sampling_factor,
+                "router_loss_weight": self.router_loss_weight,
+                "return_router_outputs": self.return_router_outputs,
+            }
+        )
+        return config

@@ -1,0 +1,51 @@
+"""Exact softmax attention inside each segment, all segments at once.
+
+Tensors use the folded layout `(batch, num_segments, heads, segment_len, dim)`, so every
+segment is attended to in one batched einsum: no loop over segments.
+"""
+
+from keras import ops
+
+# Finite "minus infinity" for masked logits: representable in float16 and bfloat16 too.
+_MASKED_LOGIT = -3.0e4
+
+
+def attention_mask(key_valid, causal):
+    """Boolean `(batch, n, 1, S, S)` mask (query axis -2, key axis -1).
+
+    `key_valid` is a float or bool `(batch, n, S)` tensor: 1 where the key may be attended.
+    """
+    mask = ops.cast(key_valid, "bool")[:, :, None, None, :]
+    if causal:
+        seg = key_valid.shape[-1]
+        if seg is None:
+            seg = ops.shape(key_valid)[-1]
+        rows = ops.arange(seg)[:, None]
+        cols = ops.arange(seg)[None, :]
+        mask = ops.logical_and(mask, (cols <= rows)[None, None, None, :, :])
+    return mask
+
+
+def local_attention(query, key, value, mask):
+    """Softmax attention within each segment.
+
+    Args:
+        query, key: `(batch, n, heads, S, dim_key)`, already rotated if positions apply.
+        value: `(batch, n, heads, S, dim_value)`.
+        mask: boolean, broadcastable to `(batch, n, heads, S, S)` (query, key).
+
+    Returns:
+        `(batch, n, heads, S, dim_value)` in the dtype of `value`. A query with no key to
+        attend to gets 0 (not NaN) in the output and in the gradients.
+    """
+    dim_key = query.shape[-1]
+    scale = 1.0 / float(dim_key) ** 0.5
+    scores = ops.einsum("bnhqd,bnhkd->bnhqk", query, key)
+    # Softmax in float32: stable under mixed precision and exact for masked logits.
+    scores = ops.cast(scores, "float32") * scale
+    scores = ops.where(mask, scores, _MASKED_LOGIT)
+    probs = ops.softmax(scores, axis=-1)
+    # Rows whose keys are all masked received a uniform softmax over _MASKED_LOGIT; zero them.
+    has_key = ops.cast(ops.any(mask, axis=-1, keepdims=True), "float32")
+    probs = ops.cast(probs * has_key, value.dtype)
+    return ops.matmul(probs, value)

@@ -1,0 +1,184 @@
+"""Infini-attention compressive memory (arXiv 2404.07143, sec. 2.1), segment-parallel.
+
+Per head, with `sigma(t) = elu(t) + 1`, memory `M` `(dim_key, dim_value)` and normaliser
+`z` `(dim_key,)`:
+
+    retrieval  A_mem = sigma(Q) M_{s-1} / (sigma(Q) z_{s-1} + eps)
+    linear     M_s = M_{s-1} + sigma(K)^T V
+    delta      M_s = M_{s-1} + sigma(K)^T (V - sigma(K) M_{s-1} / (sigma(K) z_{s-1} + eps))
+    both       z_s = z_{s-1} + sum_t sigma(K_t)
+
+All tensors use the folded layout `(batch, n, heads, S, dim)` and all state is float32.
+The functions return the state *before* each segment (`(batch, n, heads, ...)`), so the
+retrieval for every segment is one batched einsum, plus the state after the last segment.
+"""
+
+import math
+
+from keras import backend
+from keras import ops
+
+EPSILON = 1e-6
+
+
+def sigma(x):
+    """The ELU + 1 feature map, computed in float32."""
+    return ops.elu(ops.cast(x, "float32")) + 1.0
+
+
+def exclusive_cumsum(x):
+    """Cumulative sum over axis 1 that excludes the current entry, built by shifting.
+
+    Not `cumsum(x) - x`: TF's graph optimiser folded `(cumsum(x) - x) + eps` so the epsilon
+    vanished; a shifted cumsum has no cancellation.
+    """
+    shifted = ops.concatenate([ops.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+    return ops.cumsum(shifted, axis=1)
+
+
+def segment_norm_updates(sigma_k):
+    """`sum_t sigma(K_t)` per segment: `(batch, n, h, S, dk)` -> `(batch, n, h, dk)`."""
+    return ops.sum(sigma_k, axis=3)
+
+
+def norm_states(sigma_k, norm0):
+    """Normaliser before each segment and after the last one.
+
+    Args:
+        sigma_k: float32 `(batch, n, h, S, dk)`, zero for masked tokens.
+        norm0: float32 `(batch, h, dk)`.
+    Returns:
+        `(norm_before (batch, n, h, dk), norm_final (batch, h, dk))`.
+    """
+    updates = segment_norm_updates(sigma_k)
+    before = norm0[:, None] + exclusive_cumsum(updates)
+    final = norm0 + ops.sum(updates, axis=1)
+    return before, final
+
+
+def linear_memory_states(sigma_k, value, memory0):
+    """Memory before each segment for the `linear` update: an exclusive cumsum over segments.
+
+    Args:
+        sigma_k: float32 `(batch, n, h, S, dk)`, zero for masked tokens.
+        value: float32 `(batch, n, h, S, dv)`.
+        memory0: float32 `(batch, h, dk, dv)`.
+    Returns:
+        `(memory_before (batch, n, h, dk, dv), memory_final (batch, h, dk, dv))`.
+    """
+    updates = ops.einsum("bnhsk,bnhsv->bnhkv", sigma_k, value)
+    before = memory0[:, None] + exclusive_cumsum(updates)
+    final = memory0 + ops.sum(updates, axis=1)
+    return before, final
+
+
+def _delta_step(memory, sigma_k, value, norm):
+    """One delta-rule update for one segment (leading axes: batch)."""
+    den = ops.einsum("bhsk,bhk->bhs", sigma_k, norm) + EPSILON
+    retrieved = ops.matmul(sigma_k, memory) / den[..., None]
+    return memory + ops.einsum("bhsk,bhsv->bhkv", sigma_k, value - retrieved)
+
+
+def delta_memory_states_scan(sigma_k, value, norm_before, memory0):
+    """Delta-rule memory states with a sequential `ops.scan` over segments.
+
+    The scan emits the carry it received (the state before the segment), so its outputs
+    have the carry's structure: the portable pattern for TF graphs (see KERAS_NOTES).
+    """
+    xs = (
+        ops.moveaxis(sigma_k, 1, 0),
+        ops.moveaxis(value, 1, 0),
+        ops.moveaxis(norm_before, 1, 0),
+    )
+
+    def step(memory, segment):
+        sk, v, z = segment
+        return _delta_step(memory, sk, v, z), memory
+
+    final, before = ops.scan(step, memory0, xs)
+    return ops.moveaxis(before, 0, 1), final
+
+
+def delta_memory_states_associative(sigma_k, value, norm_before, memory0):
+    """Delta-rule memory states with a parallel (Hillis-Steele) scan over segments.
+
+    The update is affine in the memory, `M_s = A_s M_{s-1} + b_s` with
+    `A_s = I - sigma(K)^T diag(1 / (sigma(K) z_{s-1} + eps)) sigma(K)` and
+    `b_s = sigma(K)^T V` (z does not depend on M). Affine maps compose associatively, so
+    `ceil(log2(n))` batched levels give every prefix. The first segment is applied to the
+    initial memory directly and given `A_1 = 0`: with a zero normaliser `A_1` holds
+    `1/eps`-sized entries that would overflow in products although they only multiply a
+    zero memory.
+
+    Needs a static number of segments (the level count is a Python int).
+    """
+    n = sigma_k.shape[1]
+    if n is None:
+        raise ValueError("delta_memory_states_associative needs a static number of segments.")
+    dim_key = sigma_k.shape[-1]
+    den = ops.einsum("bnhsk,bnhk->bnhs", sigma_k, norm_before) + EPSILON
+    weighted = sigma_k / den[..., None]
+    eye = ops.eye(dim_key, dtype="float32")
+    transition = eye - ops.einsum("bnhsk,bnhsj->bnhkj", sigma_k, weighted)
+    offset = ops.einsum("bnhsk,bnhsv->bnhkv", sigma_k, value)
+
+    first = _delta_step(memory0, sigma_k[:, 0], value[:, 0], norm_before[:, 0])
+    if n == 1:
+        return memory0[:, None], first
+    transition = ops.concatenate([ops.zeros_like(transition[:, :1]), transition[:, 1:]], 1)
+    offset = ops.concatenate([first[:, None], offset[:, 1:]], axis=1)
+
+    # Inclusive prefix composition: element i becomes the map of segments 1..i.
+    shift = 1
+    for _ in range(int(math.ceil(math.log2(n)))):
+        prev_offset = ops.concatenate(
+            [ops.zeros_like(offset[:, :shift]), offset[:, : n - shift]], axis=1
+        )
+        new_offset = ops.matmul(transition, prev_offset) + offset
+        if 2 * shift < n:  # the last level does not need the composed transitions
+            prev_transition = ops.concatenate(
+                [
+                    ops.broadcast_to(eye, ops.shape(transition[:, :shift])),
+                    transition[:, : n - shift],
+                ],
+                axis=1,
+            )
+            transition = ops.matmul(transition, prev_transition)
+        offset = new_offset
+        shift *= 2
+    # offset[:, i] is now the memory after segment i.
+    before = ops.concatenate([memory0[:, None], offset[:, :-1]], axis=1)
+    return before, offset[:, -1]
+
+
+def delta_memory_states(sigma_k, value, norm_before, memory0, method="auto"):
+    """Delta-rule memory states, choosing the fastest correct method for the backend.
+
+    `method="auto"`: TensorFlow uses the associative scan whenever the number of segments
+    is static, because `ops.scan` lowers to a `tf.while_loop` that XLA cannot differentiate
+    (`jit_compile=True`, the default on GPU); JAX and torch use the sequential scan, which
+    does fewer FLOPs (`S*dk*dv` per segment against `dk^2*(dk+dv)*log n`) and whose
+    per-step overhead is small there (XLA while loop / eager torch kernels).
+    """
+    if method == "auto":
+        static_n = sigma_k.shape[1] is not None
+        method = "associative" if backend.backend() == "tensorflow" and static_n else "scan"
+    if method == "associative":
+        return delta_memory_states_associative(sigma_k, value, norm_before, memory0)
+    if method == "scan":
+        return delta_memory_states_scan(sigma_k, value, norm_before, memory0)
+    raise ValueError(f"Unknown method={method!r}; expected 'auto', 'scan' or 'associative'.")
+
+
+def retrieve(sigma_q, memory_before, norm_before):
+    """`A_mem = sigma(Q) M / (sigma(Q) z + eps)` for every segment at once (float32).
+
+    Args:
+        sigma_q: `(batch, n, h, S, dk)`; memory_before: `(batch, n, h, dk, dv)`;
+        norm_before: `(batch, n, h, dk)`.
+    Returns:
+        `(batch, n, h, S, dv)` float32.
+    """
+    num = ops.matmul(sigma_q, memory_before)
+    den = ops.einsum("bnhsk,bnhk->bnhs", sigma_q, norm_before) + EPSILON
+    return num / den[..., None]
