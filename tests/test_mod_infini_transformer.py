@@ -50,7 +50,7 @@ def test_matches_reference(training, normalize_first):
                        return_router_outputs=True, return_state=True)
     x = inputs(19)  # two full segments and a partial one
     mask = np.ones((2, 19), bool)
-    mask[0, 3:14] = False  # segment 1 of example 0 keeps 2 real tokens (< k)
+    mask[0, 3:14] = False  # example 0 keeps 3 and 2 real tokens in segments 0 and 1 (< k)
     out, selection, logits, memory, norm = block(x, mask=mask, training=training)
     r = router_logits(block, x)
     inner = block_reference(block, "gelu", rope_rotate_fn())
@@ -63,7 +63,8 @@ def test_matches_reference(training, normalize_first):
     np.testing.assert_allclose(to_numpy(norm), want_z, atol=1e-4, rtol=1e-5)
     if training:  # every segment routes min(k, real tokens)
         sel = want_sel
-        assert sel[0, :8].sum() == K and sel[0, 8:16].sum() == 2 and sel[1, 16:].sum() == 3
+        assert sel[0, :8].sum() == 3 and sel[0, 8:16].sum() == 2  # fewer real tokens than k
+        assert sel[1, :8].sum() == K and sel[1, 16:].sum() == 3  # full segment; partial one
     assert not np.any(want_sel[~mask])
 
 

@@ -5,6 +5,7 @@ import numbers
 import keras
 from keras import ops
 
+from keras_infini.layers._outputs import StatefulOutputsMixin
 from keras_infini.layers.rotary import RoPEEmbeddings
 from keras_infini.ops import attention as attention_ops
 from keras_infini.ops import memory as memory_ops
@@ -64,7 +65,7 @@ def resolve_positional_embedder(positional_embedder, dim_key, segment_len):
 
 
 @keras.saving.register_keras_serializable(package="keras_infini")
-class CompressiveMemory(keras.layers.Layer):
+class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
     """Infini-attention: local softmax attention plus a compressive memory across segments.
 
     The input is split into segments of `segment_len` tokens. Inside a segment every
@@ -122,6 +123,7 @@ class CompressiveMemory(keras.layers.Layer):
         initial_state: optional `(memory (batch, heads, dim_key, dim_value),
             norm (batch, heads, dim_key))`, overriding the default initial state.
         training: unused (no dropout), accepted for Keras compatibility.
+        return_state: optional per-call override of the constructor's `return_state`.
 
     Returns:
         `(batch, seq_len, dim_input)`, or `(outputs, memory, norm)` with `return_state`.
@@ -257,7 +259,15 @@ class CompressiveMemory(keras.layers.Layer):
         )
 
     # ------------------------------------------------------------------ call
-    def call(self, inputs, mask=None, positions=None, initial_state=None, training=None):
+    def call(
+        self,
+        inputs,
+        mask=None,
+        positions=None,
+        initial_state=None,
+        training=None,
+        return_state=None,
+    ):
         seg = self.segment_len
         length = segment_ops.static_or_dynamic_dim(inputs, 1)
         batch = segment_ops.static_or_dynamic_dim(inputs, 0)
@@ -274,7 +284,7 @@ class CompressiveMemory(keras.layers.Layer):
         # 1. Local attention, all segments at once.
         if self.positional_embedder is not None:
             if positions is None:
-                pos = ops.arange(seg, dtype="int32")  # (S,): broadcasts over batch and heads
+                pos = None  # the embedder's default: 0..S-1 along the segment axis (-2)
             else:
                 pos = segment_ops.pad_to_segments(ops.cast(positions, "int32"), seg)
                 pos = segment_ops.fold(pos, seg)[:, :, None, :]  # (b, n, 1, S)
@@ -311,32 +321,8 @@ class CompressiveMemory(keras.layers.Layer):
         mixed = gate * retrieved + (1.0 - gate) * attended
         outputs = segment_ops.unfold(self.output_dense(mixed))
         outputs = segment_ops.trim(outputs, length)
-        if self.return_state:
-            return outputs, memory_final, norm_final
-        return outputs
+        return self.pack_outputs(outputs, [], memory_final, norm_final, return_state)
 
-    def compute_mask(self, inputs, mask=None):
-        if self.return_state:
-            return [mask, None, None]
-        return mask
-
-    def compute_output_shape(self, input_shape, *args, **kwargs):
-        dim = self.dim_input if self.dim_input is not None else input_shape[-1]
-        out = (input_shape[0], input_shape[1], dim)
-        if self.return_state:
-            b, h = input_shape[0], self.num_heads
-            return out, (b, h, self.dim_key, self.dim_value), (b, h, self.dim_key)
-        return out
-
-    def compute_output_spec(self, inputs, *args, **kwargs):
-        shapes = self.compute_output_shape(inputs.shape)
-        if self.return_state:
-            return (
-                keras.KerasTensor(shapes[0], dtype=self.compute_dtype),
-                keras.KerasTensor(shapes[1], dtype="float32"),
-                keras.KerasTensor(shapes[2], dtype="float32"),
-            )
-        return keras.KerasTensor(shapes, dtype=self.compute_dtype)
 
     # ------------------------------------------------------------------ config
     def get_config(self):

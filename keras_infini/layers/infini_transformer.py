@@ -4,6 +4,7 @@ import numbers
 
 import keras
 
+from keras_infini.layers._outputs import StatefulOutputsMixin
 from keras_infini.layers.activations import get_activation
 from keras_infini.layers.compressive_memory import CompressiveMemory
 from keras_infini.layers.compressive_memory import check_positive_int
@@ -23,7 +24,7 @@ def check_layer_norm_epsilon(value):
 
 
 @keras.saving.register_keras_serializable(package="keras_infini")
-class InfiniTransformer(keras.layers.Layer):
+class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
     """Transformer block: Infini-attention (`CompressiveMemory`) and a gated-activation MLP.
 
     With `normalize_first=True` (pre-norm, default):
@@ -71,6 +72,7 @@ class InfiniTransformer(keras.layers.Layer):
         inputs: `(batch, seq_len, dim_input)`.
         mask, positions, initial_state: passed to `attention` (see `CompressiveMemory`).
         training: enables dropout.
+        return_state: optional per-call override of the constructor's `return_state`.
 
     Example:
 
@@ -207,34 +209,18 @@ class InfiniTransformer(keras.layers.Layer):
             y = self.mlp_norm(h + self.mlp_dropout(self.mlp(h), training=training))
         return y, memory, norm
 
-    def call(self, inputs, mask=None, positions=None, initial_state=None, training=None):
+    def call(
+        self,
+        inputs,
+        mask=None,
+        positions=None,
+        initial_state=None,
+        training=None,
+        return_state=None,
+    ):
         outputs, memory, norm = self.block(inputs, mask, positions, initial_state, training)
-        if self.return_state:
-            return outputs, memory, norm
-        return outputs
+        return self.pack_outputs(outputs, [], memory, norm, return_state)
 
-    def compute_mask(self, inputs, mask=None):
-        if self.return_state:
-            return [mask, None, None]
-        return mask
-
-    def compute_output_shape(self, input_shape, *args, **kwargs):
-        dim = self.dim_input if self.dim_input is not None else input_shape[-1]
-        out = (input_shape[0], input_shape[1], dim)
-        if self.return_state:
-            b, h = input_shape[0], self.num_heads
-            return out, (b, h, self.dim_key, self.dim_value), (b, h, self.dim_key)
-        return out
-
-    def compute_output_spec(self, inputs, *args, **kwargs):
-        shapes = self.compute_output_shape(inputs.shape)
-        if self.return_state:
-            return (
-                keras.KerasTensor(shapes[0], dtype=self.compute_dtype),
-                keras.KerasTensor(shapes[1], dtype="float32"),
-                keras.KerasTensor(shapes[2], dtype="float32"),
-            )
-        return keras.KerasTensor(shapes, dtype=self.compute_dtype)
 
     def get_config(self):
         config = super().get_config()

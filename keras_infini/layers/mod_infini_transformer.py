@@ -66,6 +66,7 @@ class MoDInfiniTransformer(InfiniTransformer):
         mask: optional `(batch, seq_len)` Keras mask; masked tokens are never routed.
         initial_state: optional `(memory, norm)` of the inner attention, for streaming.
         training: selects top-k routing (and the router loss) or causal routing.
+        return_state: optional per-call override of the constructor's `return_state`.
 
     Returns:
         `outputs`; with `return_router_outputs`, `(outputs, selection, logits)`; with
@@ -154,7 +155,7 @@ class MoDInfiniTransformer(InfiniTransformer):
         super().build(input_shape)
         self.router.build((None, None, self.dim_input))
 
-    def call(self, inputs, mask=None, initial_state=None, training=None):
+    def call(self, inputs, mask=None, initial_state=None, training=None, return_state=None):
         seg, k = self.segment_len, self.capacity
         batch = segment_ops.static_or_dynamic_dim(inputs, 0)
         length = segment_ops.static_or_dynamic_dim(inputs, 1)
@@ -188,12 +189,10 @@ class MoDInfiniTransformer(InfiniTransformer):
         if training and self.router_loss_weight > 0:
             self.add_loss(self.router_loss(logits[..., 0], selection, mask))
 
-        results = [outputs]
+        extras = []
         if self.return_router_outputs:
-            results += [ops.reshape(selection, (-1, 1)), ops.reshape(logits, (-1, 1))]
-        if self.return_state:
-            results += [memory, norm]
-        return results[0] if len(results) == 1 else tuple(results)
+            extras = [ops.reshape(selection, (-1, 1)), ops.reshape(logits, (-1, 1))]
+        return self.pack_outputs(outputs, extras, memory, norm, return_state)
 
     def router_loss(self, logits, selection, mask=None):
         """Mean BCE-from-logits over real tokens between `logits` and the selection."""
@@ -208,29 +207,12 @@ class MoDInfiniTransformer(InfiniTransformer):
             loss = ops.sum(bce * weight) / ops.maximum(ops.sum(weight), 1.0)
         return self.router_loss_weight * loss
 
-    def compute_mask(self, inputs, mask=None):
-        extra = 2 * self.return_router_outputs + 2 * self.return_state
-        return [mask] + [None] * extra if extra else mask
-
-    def compute_output_shape(self, input_shape, *args, **kwargs):
-        out = super().compute_output_shape(input_shape)
+    def extra_output_specs(self, input_shape):
         if not self.return_router_outputs:
-            return out
+            return []
         b, length = input_shape[0], input_shape[1]
         flat = None if b is None or length is None else b * length
-        main, state = (out[0], out[1:]) if self.return_state else (out, ())
-        return (main, (flat, 1), (flat, 1)) + tuple(state)
-
-    def compute_output_spec(self, inputs, *args, **kwargs):
-        shapes = self.compute_output_shape(inputs.shape)
-        if not (self.return_router_outputs or self.return_state):
-            return keras.KerasTensor(shapes, dtype=self.compute_dtype)
-        dtypes = [self.compute_dtype]
-        if self.return_router_outputs:
-            dtypes += ["float32", self.compute_dtype]
-        if self.return_state:
-            dtypes += ["float32", "float32"]
-        return tuple(keras.KerasTensor(s, dtype=d) for s, d in zip(shapes, dtypes))
+        return [((flat, 1), "float32"), ((flat, 1), self.compute_dtype)]
 
     def get_config(self):
         config = super().get_config()

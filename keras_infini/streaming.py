@@ -1,0 +1,131 @@
+"""Streaming a stack of keras_infini layers over input that arrives in chunks.
+
+Infini-attention keeps a fixed-size state per layer (`memory`, `norm`), so a model can
+read an unbounded input chunk by chunk with constant memory: run each chunk through the
+layers, passing every stateful layer the state it returned for the previous chunk.
+When every chunk but the last is a multiple of the segment length, the outputs equal one
+call on the whole input.
+
+Example:
+
+>>> import keras, numpy as np
+>>> from keras_infini import InfiniTransformer
+>>> from keras_infini.streaming import Streamer
+>>> model = keras.Sequential([keras.Input((None, 16)),
+...                           InfiniTransformer(16, 32, 8, 8, 2, "gelu", 8, causal=True)])
+>>> streamer = Streamer(model)
+>>> x = np.random.rand(1, 40, 16).astype("float32")
+>>> parts = [streamer(x[:, i:i + 16]) for i in range(0, 40, 16)]
+>>> np.allclose(np.concatenate([keras.ops.convert_to_numpy(p) for p in parts], 1),
+...             keras.ops.convert_to_numpy(model(x)), atol=1e-5)
+True
+"""
+
+import math
+
+import keras
+
+from keras_infini.layers.compressive_memory import CompressiveMemory
+from keras_infini.layers.infini_transformer import InfiniTransformer
+
+STATEFUL_LAYERS = (CompressiveMemory, InfiniTransformer)  # MoDInfiniTransformer included
+
+
+def _is_stateful(layer):
+    return isinstance(layer, STATEFUL_LAYERS)
+
+
+def _chain_layers(model_or_layers):
+    """The layers of a Sequential model, a chain-shaped functional model, or a list."""
+    if isinstance(model_or_layers, (list, tuple)):
+        return list(model_or_layers)
+    if not isinstance(model_or_layers, keras.Model):
+        raise ValueError(
+            f"Invalid model_or_layers={model_or_layers!r}: expected a keras.Model whose "
+            "layers form a chain, or a list of layers."
+        )
+    layers = [
+        layer for layer in model_or_layers.layers
+        if not isinstance(layer, keras.layers.InputLayer)
+    ]
+    if not isinstance(model_or_layers, keras.Sequential):
+        previous = model_or_layers.inputs[0] if len(model_or_layers.inputs) == 1 else None
+        for layer in layers:
+            if previous is None or layer.input is not previous:
+                raise ValueError(
+                    "Streaming needs a model whose layers form a single chain (each layer "
+                    f"consumes the previous layer's output); layer {layer.name!r} does not."
+                )
+            previous = layer.output
+            if isinstance(previous, (list, tuple)):
+                raise ValueError(
+                    f"Layer {layer.name!r} returns several outputs; build the model with "
+                    "return_state=False and return_router_outputs=False to stream it."
+                )
+    return layers
+
+
+class Streamer:
+    """Runs a stack of layers over chunks, carrying each stateful layer's `(memory, norm)`.
+
+    Args:
+        model_or_layers: a `keras.Sequential`, a functional `keras.Model` whose layers form
+            a chain (e.g. `Embedding -> blocks -> Dense`), or a list of layers. Layers that
+            are `CompressiveMemory`, `InfiniTransformer` or `MoDInfiniTransformer` carry
+            state; the others are applied per chunk.
+
+    Call `streamer(chunk)` for each chunk in order; `reset()` starts a new stream. For
+    outputs identical to one call on the whole input, every chunk but the last must be a
+    multiple of `segment_len` (the least common multiple of the stateful layers' segment
+    lengths). Memory use does not depend on how many chunks have been seen.
+    """
+
+    def __init__(self, model_or_layers):
+        self.layers = _chain_layers(model_or_layers)
+        stateful = [layer for layer in self.layers if _is_stateful(layer)]
+        if not stateful:
+            raise ValueError(
+                "Invalid model_or_layers: it contains no CompressiveMemory, "
+                "InfiniTransformer or MoDInfiniTransformer layer to stream."
+            )
+        self.segment_len = math.lcm(*[layer.segment_len for layer in stateful])
+        self.states = None
+
+    def reset(self):
+        """Forgets the carried state: the next chunk starts a new stream."""
+        self.states = None
+
+    def run(self, chunk, states=None, training=False):
+        """Pure step: `(outputs, new_states)` for `chunk` given `states` (None: initial)."""
+        x = chunk
+        new_states = []
+        states = list(states) if states is not None else None
+        index = 0
+        for layer in self.layers:
+            if _is_stateful(layer):
+                state = None if states is None else states[index]
+                x, memory, norm = layer(
+                    x, initial_state=state, return_state=True, training=training
+                )
+                new_states.append((memory, norm))
+                index += 1
+            else:
+                x = layer(x, training=training)
+        return x, new_states
+
+    def __call__(self, chunk, training=False):
+        outputs, self.states = self.run(chunk, self.states, training=training)
+        return outputs
+
+
+def stream(model_or_layers, chunks, training=False):
+    """Yields the outputs for each chunk of `chunks` (an iterable), carrying state.
+
+    A generator version of `Streamer` for one pass over an input:
+
+        for logits in stream(model, token_chunks):
+            ...
+    """
+    streamer = Streamer(model_or_layers)
+    for chunk in chunks:
+        yield streamer(chunk, training=training)
