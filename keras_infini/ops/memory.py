@@ -85,17 +85,19 @@ def delta_memory_states_scan(sigma_k, value, norm_before, memory0):
     The scan emits the carry it received (the state before the segment), so its outputs
     have the carry's structure: the portable pattern for TF graphs (see KERAS_NOTES).
     """
-    xs = (
-        ops.moveaxis(sigma_k, 1, 0),
-        ops.moveaxis(value, 1, 0),
-        ops.moveaxis(norm_before, 1, 0),
-    )
+    # One stacked `xs` tensor: Keras' TF `scan` fails on several `xs` when the number of
+    # segments is dynamic (it calls `assert_is_compatible_with` on a None dimension).
+    # The normaliser is carried alongside the memory for the same reason.
+    dim_key = sigma_k.shape[-1]
+    xs = ops.moveaxis(ops.concatenate([sigma_k, value], axis=-1), 1, 0)
 
-    def step(memory, segment):
-        sk, v, z = segment
-        return _delta_step(memory, sk, v, z), memory
+    def step(carry, segment):
+        memory, norm = carry
+        sk, v = segment[..., :dim_key], segment[..., dim_key:]
+        new_memory = _delta_step(memory, sk, v, norm)
+        return (new_memory, norm + ops.sum(sk, axis=2)), (memory, norm)
 
-    final, before = ops.scan(step, memory0, xs)
+    (final, _), (before, _) = ops.scan(step, (memory0, norm_before[:, 0]), xs)
     return ops.moveaxis(before, 0, 1), final
 
 

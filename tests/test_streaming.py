@@ -1,0 +1,67 @@
+"""keras_infini.streaming: chunked runs equal one call; constant state size."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import to_numpy
+
+from keras_infini import CompressiveMemory, InfiniTransformer, MoDInfiniTransformer
+from keras_infini.streaming import Streamer, stream
+
+D, SEG = 8, 4
+
+
+def token_model(functional):
+    layers = [
+        keras.layers.Embedding(20, D),
+        InfiniTransformer(D, 16, 4, 4, 2, "swiglu", SEG, update="delta", causal=True,
+                          positional_embedder="rope", init_state_learnable=True),
+        MoDInfiniTransformer(D, 16, 4, 4, 2, "gelu", 2 * SEG, 2, causal=True,
+                             positional_embedder="rope"),
+        CompressiveMemory(D, 4, 4, 2, SEG, causal=True),
+        keras.layers.Dense(20),
+    ]
+    if not functional:
+        return keras.Sequential([keras.Input((None,), dtype="int32")] + layers)
+    inp = keras.Input((None,), dtype="int32")
+    h = inp
+    for layer in layers:
+        h = layer(h)
+    return keras.Model(inp, h)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_stream_equals_one_call(functional):
+    model = token_model(functional)
+    tokens = np.random.default_rng(0).integers(0, 20, size=(3, 37))
+    full = to_numpy(model(tokens))
+    streamer = Streamer(model)
+    assert streamer.segment_len == 8
+    parts = [to_numpy(streamer(tokens[:, i:i + 16])) for i in range(0, 37, 16)]
+    np.testing.assert_allclose(np.concatenate(parts, 1), full, atol=2e-5)
+    shapes = [tuple(m.shape) for m, _ in streamer.states]
+    assert shapes == [(3, 2, 4, 4)] * 3
+    gen = [to_numpy(p) for p in stream(model, (tokens[:, i:i + 8] for i in range(0, 37, 8)))]
+    np.testing.assert_allclose(np.concatenate(gen, 1), full, atol=2e-5)
+
+
+def test_reset_and_pure_run():
+    model = token_model(False)
+    streamer = Streamer(model)
+    tokens = np.random.default_rng(1).integers(0, 20, size=(2, 16))
+    first = to_numpy(streamer(tokens[:, :8]))
+    streamer.reset()
+    np.testing.assert_allclose(to_numpy(streamer(tokens[:, :8])), first, atol=1e-6)
+    out, states = streamer.run(tokens[:, 8:], streamer.states)
+    again, _ = streamer.run(tokens[:, 8:], streamer.states)  # run() does not commit
+    np.testing.assert_allclose(to_numpy(out), to_numpy(again), atol=1e-6)
+
+
+def test_rejects_models_that_are_not_chains():
+    inp = keras.Input((None, D))
+    a = InfiniTransformer(D, 16, 4, 4, 2, "gelu", SEG)(inp)
+    out = keras.layers.Add()([a, inp])
+    with pytest.raises(ValueError, match="chain"):
+        Streamer(keras.Model(inp, out))
+    with pytest.raises(ValueError, match="model_or_layers"):
+        Streamer([keras.layers.Dense(3)])
