@@ -129,3 +129,68 @@ def stream(model_or_layers, chunks, training=False):
     streamer = Streamer(model_or_layers)
     for chunk in chunks:
         yield streamer(chunk, training=training)
+
+
+def generate(model, prompt, steps, temperature=1.0, top_k=None, seed=None):
+    """Samples `steps` tokens after `prompt` from a causal token model (tokens -> logits).
+
+    Uses the model's compressive memory the way Infini-attention intends: finished segments
+    live only in each layer's `(memory, norm)` state, and each new token re-runs just the
+    current, unfinished segment (at most `segment_len` tokens) from the state at its start.
+    The cost per token is therefore bounded by the segment length, not the prefix length.
+
+    Args:
+        model: a chain-shaped model mapping `(batch, seq)` int tokens to
+            `(batch, seq, vocab)` logits, built from causal layers.
+        prompt: int array `(batch, prompt_len)`, `prompt_len >= 1`.
+        steps: number of tokens to generate.
+        temperature: softmax temperature; `0` picks the most likely token.
+        top_k: optional: sample only among the `top_k` most likely tokens.
+        seed: optional int seed of the NumPy sampler.
+
+    Returns:
+        int32 NumPy array `(batch, prompt_len + steps)`.
+    """
+    import numpy as np
+
+    prompt = np.asarray(prompt, dtype="int32")
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(
+            f"Invalid prompt with shape {prompt.shape}: expected (batch, prompt_len >= 1)."
+        )
+    if temperature < 0:
+        raise ValueError(f"Invalid temperature={temperature!r}: expected a number >= 0.")
+    rng = np.random.default_rng(seed)
+    streamer = Streamer(model)
+    seg = streamer.segment_len
+    # Commit every whole segment of the prompt but keep >= 1 token pending for the logits.
+    committed = ((prompt.shape[1] - 1) // seg) * seg
+    states = None
+    if committed:
+        _, states = streamer.run(prompt[:, :committed])
+    pending = prompt[:, committed:]
+    generated = [prompt]
+    for _ in range(steps):
+        logits, new_states = streamer.run(pending, states)
+        last = np.asarray(keras.ops.convert_to_numpy(logits[:, -1]), dtype="float64")
+        token = _sample(last, temperature, top_k, rng)
+        generated.append(token[:, None])
+        if pending.shape[1] == seg:  # the segment is finished: keep only its state
+            states, pending = new_states, token[:, None]
+        else:
+            pending = np.concatenate([pending, token[:, None]], axis=1)
+    return np.concatenate(generated, axis=1)
+
+
+def _sample(logits, temperature, top_k, rng):
+    import numpy as np
+
+    if temperature == 0:
+        return logits.argmax(-1).astype("int32")
+    logits = logits / temperature
+    if top_k is not None:
+        cutoff = np.sort(logits, axis=-1)[:, -top_k][:, None]
+        logits = np.where(logits < cutoff, -np.inf, logits)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.array([rng.choice(len(p), p=p) for p in probs], dtype="int32")
