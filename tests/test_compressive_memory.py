@@ -361,3 +361,30 @@ def test_bad_input_shapes():
         layer(np.zeros((2, 5, D + 1), "float32"))
     with pytest.raises(ValueError, match="rank 3"):
         CompressiveMemory(D, DK, DV, H, S)(np.zeros((2, D), "float32"))
+
+
+@pytest.mark.parametrize("update", ["linear", "delta"])
+def test_grouped_attention_matches_reference(update):
+    layer = make_layer(update, True, "rope", return_state=True)
+    layer.attention_group_tokens = 2 * S  # groups of 2 segments: 27 tokens -> 4 groups
+    x = inputs(27)
+    mask = np.random.default_rng(9).uniform(size=(B, 27)) > 0.3
+    out, memory, _ = layer(x, mask=mask)
+    want, want_m, _ = reference_for(layer, x, "rope", mask=mask)
+    np.testing.assert_allclose(to_numpy(out), want, atol=ATOL, rtol=1e-4)
+    np.testing.assert_allclose(to_numpy(memory), want_m, atol=1e-4, rtol=1e-4)
+
+
+def test_grouped_attention_fit_jit_compile():
+    seq = 40
+    inp = keras.Input((seq, D))
+    layer = CompressiveMemory(D, DK, DV, H, S, update="delta", causal=True,
+                              positional_embedder="rope")
+    layer.attention_group_tokens = 3 * S  # 10 segments -> 4 groups, one padded
+    model = keras.Model(inp, layer(inp))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse",
+                  jit_compile=BACKEND != "torch")
+    x = inputs(seq, batch=4)
+    losses = model.fit(x, np.roll(x, 1, axis=1), epochs=3, batch_size=2, verbose=0)
+    losses = losses.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]

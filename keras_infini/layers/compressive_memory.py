@@ -140,6 +140,10 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
     (2, 100, 32)
     """
 
+    # Local attention runs over groups of this many tokens (whole segments) at a time, so
+    # the working set of the (S, S) score tensors does not grow with the input length.
+    attention_group_tokens = 4096
+
     def __init__(
         self,
         dim_input,
@@ -292,8 +296,10 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
             key_rot = self.positional_embedder(key, positions=pos)
         else:
             query_rot, key_rot = query, key
-        local_mask = attention_ops.attention_mask(valid, self.causal)
-        attended = attention_ops.local_attention(query_rot, key_rot, value, local_mask)
+        group = max(1, self.attention_group_tokens // seg)
+        attended = attention_ops.grouped_local_attention(
+            query_rot, key_rot, value, valid, self.causal, group
+        )
 
         # 2-3. Memory states before each segment (float32) and retrieval.
         if initial_state is None:

@@ -1,4 +1,24 @@
-"""Rotary position embeddings: RoPE (RoFormer, arXiv 2104.09864) and YaRN (arXiv 2309.00071)."""
+"""Rotary position embeddings: RoPE (RoFormer, arXiv 2104.09864) and YaRN (arXiv 2309.00071).
+
+Both layers rotate interleaved channel pairs `(2i, 2i + 1)` of their input by the angle
+`p * theta_i` of the token position `p` (RoFormer eq. 34). They hold no weights: the
+frequencies are float64 NumPy constants computed once in `__init__`.
+
+Angle accuracy. A float32 product `p * theta` is off by up to half an ulp of the product,
+~4e-3 rad at `p = 65536` (~2e-2 rad at `p = 2**18`), which would make long-context rotations
+visibly wrong. Here an integer position is split into base-256 digits,
+`p = d0 + 256 d1 + 256**2 d2 + 256**3 d3` (`d3` signed, so every int32 works, negatives too),
+the `cos`/`sin` of `d * 256**k * theta_i` are looked up in small tables computed in float64
+(with `fmod(256**k * theta_i, 2 pi)`, exact) and rounded once to float32, and the digit
+rotations are combined in float32 with the angle-addition formulas. A fractional part of a
+float position (`|frac * theta| < 1`) is rotated directly in float32. Measured max abs error
+of the rotated output of a unit vector against a float64 NumPy reference (float32 compute):
+~3e-7 for positions up to 65536 and ~5e-7 up to 2**31 - 1, against ~4e-3 for the naive
+float32 product at 65536. The lookup costs one gather per digit and 3 complex products on a
+tensor of shape `positions.shape + (d_rot / 2,)`, no transcendental function on device; the
+default positions `0..seq-1` of a static length use only the digits they need (one for
+`seq <= 256`).
+"""
 
 import math
 import numbers
@@ -7,158 +27,209 @@ import keras
 import numpy as np
 from keras import ops
 
-# Positions are split into base-256 digits; the angle of each digit is looked up in a
-# float64-accurate table and the digits are combined with the angle-addition formulas.
-# float32 `p * theta` has an absolute angle error up to ~4e-3 rad at p = 65536 (half an
-# ulp of the product); the digit tables keep the rotated output within ~5e-7 of a float64
-# reference for every int32 position (measured: 2.4e-7 at p = 65536, 4.8e-7 at 2^31 - 1).
 _DIGIT_BASE = 256
-_NUM_DIGITS = 4  # covers 0 <= p < 2^32
+_NUM_DIGITS = 4  # three unsigned base-256 digits and a signed top digit: every int32
 
 
-def _check_number(name, value, condition, allowed):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not condition(value):
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"Invalid {name}={value!r}: expected a positive integer.")
+    return int(value)
+
+
+def _real(name, value, condition=lambda v: True, allowed="a finite real number"):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or not condition(value)
+    ):
         raise ValueError(f"Invalid {name}={value!r}: expected {allowed}.")
+    # Plain Python numbers keep `get_config()` JSON-serialisable.
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 @keras.saving.register_keras_serializable(package="keras_infini")
 class RoPEEmbeddings(keras.layers.Layer):
     """Rotary position embeddings with interleaved pairs (RoFormer eq. 34).
 
-    With `d_rot = int(dim * dim_embeddings_pct)` rounded down to even, channel pairs
-    `(2i, 2i + 1)` for `i < d_rot / 2` are rotated by the angle `p * theta_i`,
-    `theta_i = base ** (-2i / d_rot)`; channels `>= d_rot` pass through. The layer holds no
-    weights. Positions beyond `seq_len` are computed exactly (no table that clamps).
+    With `d_rot = int(dim * dim_embeddings_pct)` rounded down to even, the channel pairs
+    `(2i, 2i + 1)`, `i < d_rot / 2`, are rotated by the angle `p * theta_i` with
+    `theta_i = base ** (-2i / d_rot)`:
+    `out[2i] = x[2i] cos - x[2i+1] sin`, `out[2i+1] = x[2i] sin + x[2i+1] cos`.
+    Channels `>= d_rot` pass through unchanged. `dim` may be odd.
+
+    The layer holds no weights. Angles are exact to float32 rounding for every int32
+    position (digit tables, see the module docstring), so positions beyond `seq_len` are
+    fine. `cos`/`sin` and the rotation are computed in float32 whatever the input dtype, and
+    the result is cast back to the input dtype: the layer does not autocast its inputs to
+    the dtype policy (`autocast=False` by default), a bfloat16 input gives a bfloat16 output.
 
     Args:
-        dim: size of the last axis of the inputs (the per-head key width).
-        seq_len: the segment length the embedder is built for (kept for the API of the
-            original project; positions are not limited to it).
-        dim_embeddings_pct: fraction of `dim` that is rotated, in `(0, 1]`.
-        base: frequency base, `> 1`.
-        **kwargs: standard `keras.layers.Layer` arguments.
+        dim: int, the size of the last axis of the inputs (e.g. the per-head key width).
+        seq_len: int, the segment length the layer is built for. Positions are not limited
+            to it.
+        dim_embeddings_pct: float in `(0, 1]`, the fraction of `dim` that is rotated. Must
+            leave at least one pair (`int(dim * dim_embeddings_pct) >= 2`).
+        base: float `> 1`, the frequency base.
+        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
-        inputs: `(..., seq, dim)`.
-        positions: optional integer tensor broadcastable to `inputs.shape[:-1]`; default
-            `arange(seq)` along the second-to-last axis.
+        inputs: float tensor `(..., seq, dim)`.
+        positions: optional integer (or float) tensor broadcastable to `inputs.shape[:-1]`,
+            e.g. `(batch, seq, 1)` for inputs `(batch, seq, heads, dim)`. Integer positions
+            must fit in int32. Defaults to `0..seq-1` along the second-to-last axis of
+            `inputs`.
+
+    Attributes:
+        d_rot: the number of rotated channels.
+        theta: float64 NumPy `(d_rot / 2,)`, the RoPE frequencies `base ** (-2i / d_rot)`.
+        inv_freq: float64 NumPy `(d_rot / 2,)`, the frequencies actually used (equal to
+            `theta` here, interpolated in `YaRNEmbeddings`).
 
     Example:
 
-    >>> import keras
+    >>> import numpy as np
     >>> from keras_infini import RoPEEmbeddings
     >>> rope = RoPEEmbeddings(dim=8, seq_len=16)
-    >>> tuple(rope(keras.random.normal((2, 16, 8))).shape)
-    (2, 16, 8)
+    >>> x = np.random.normal(size=(2, 4, 16, 8)).astype("float32")  # (batch, heads, seq, dim)
+    >>> tuple(rope(x).shape)  # default positions 0..15 along axis -2
+    (2, 4, 16, 8)
+    >>> q = np.random.normal(size=(2, 16, 4, 8)).astype("float32")  # (batch, seq, heads, dim)
+    >>> positions = 1000 + np.arange(16).reshape(1, 16, 1)  # broadcast over batch and heads
+    >>> tuple(rope(q, positions=positions).shape)
+    (2, 16, 4, 8)
     """
 
     def __init__(self, dim, seq_len, dim_embeddings_pct=0.5, base=10000, **kwargs):
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
-        for name, value in (("dim", dim), ("seq_len", seq_len)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-                raise ValueError(f"Invalid {name}={value!r}: expected a positive integer.")
-        _check_number("dim_embeddings_pct", dim_embeddings_pct, lambda v: 0 < v <= 1,
-                      "a number in (0, 1]")
+        dim = _positive_int("dim", dim)
+        seq_len = _positive_int("seq_len", seq_len)
+        dim_embeddings_pct = _real(
+            "dim_embeddings_pct", dim_embeddings_pct, lambda v: 0 < v <= 1, "a number in (0, 1]"
+        )
         d_rot = int(dim * dim_embeddings_pct)
         d_rot -= d_rot % 2
         if d_rot < 2:
             raise ValueError(
-                f"Invalid dim_embeddings_pct={dim_embeddings_pct!r} for dim={dim}: it leaves "
-                "no channel pair to rotate (int(dim * dim_embeddings_pct) must be >= 2)."
+                f"Invalid dim_embeddings_pct={dim_embeddings_pct!r} for dim={dim}: it leaves no "
+                "channel pair to rotate; int(dim * dim_embeddings_pct) must be >= 2."
             )
-        _check_number("base", base, lambda v: v > 1, "a number greater than 1")
-        self.dim = int(dim)
-        self.seq_len = int(seq_len)
+        base = _real("base", base, lambda v: v > 1, "a number greater than 1")
+        self.dim = dim
+        self.seq_len = seq_len
         self.dim_embeddings_pct = dim_embeddings_pct
         self.base = base
         self.d_rot = d_rot
+        self.theta = float(base) ** (-2.0 * np.arange(d_rot // 2, dtype=np.float64) / d_rot)
         self.supports_masking = True
-        self.built = True
+        self._set_frequencies(self.theta, 1.0)
 
-    @property
-    def inv_freq(self):
-        """The rotation frequencies, float64 NumPy `(d_rot / 2,)`."""
-        return self.frequencies()
-
-    def _digit_tables(self):
-        """float32 `cos`/`sin` of `digit * 256**level * theta`, `(levels, 256, d_rot/2)`."""
-        if getattr(self, "_tables", None) is None:
-            digits = np.arange(_DIGIT_BASE, dtype=np.float64)[:, None]
-            cos_tables, sin_tables = [], []
-            for level in range(_NUM_DIGITS):
-                step = np.mod(float(_DIGIT_BASE**level) * self.inv_freq, 2 * math.pi)
-                angle = digits * step[None, :]
-                cos_tables.append(np.cos(angle))
-                sin_tables.append(np.sin(angle))
-            self._tables = (np.stack(cos_tables).astype("float32"),
-                            np.stack(sin_tables).astype("float32"))
-        return self._tables
-
-    def frequencies(self):
-        """`theta_i = base ** (-2i / d_rot)`, float64 NumPy `(d_rot / 2,)`."""
-        i = np.arange(self.d_rot // 2, dtype=np.float64)
-        return float(self.base) ** (-2.0 * i / self.d_rot)
-
-    def output_scale(self):
-        """Factor applied to the whole output (1 for RoPE)."""
-        return 1.0
-
-    def build(self, input_shape=None):
-        self.built = True
-
-    def _cos_sin(self, positions):
-        """float32 `cos, sin` of `positions * theta`, shape `positions.shape + (d_rot/2,)`."""
-        cos_tables, sin_tables = self._digit_tables()
-        pos = ops.cast(positions, "int32")
-        cos = sin = None
+    def _set_frequencies(self, inv_freq, scale):
+        """Sets the rotation frequencies (float64) and output scale; builds the digit tables."""
+        self.inv_freq = np.asarray(inv_freq, dtype=np.float64)
+        self._scale = float(scale)
+        self._inv_freq32 = self.inv_freq.astype(np.float32)
+        half = self.d_rot // 2
+        sign = np.tile(np.array([-1.0, 1.0], dtype=np.float32), half)
+        self._sin_sign = sign  # out[2i] gets -sin, out[2i+1] gets +sin
+        # Level k: cos/sin of d * 256**k * theta_i for d in 0..255 (the top level for the
+        # signed digit d - 128). 256**k * theta_i is exact in float64 (a power of 2 times
+        # theta_i), and so is its fmod by 2 pi; d * step < 256 * 2 pi keeps ~1e-13 rad.
+        digits = np.arange(_DIGIT_BASE, dtype=np.float64)
+        cos_tables, sin_tables = [], []
         for level in range(_NUM_DIGITS):
-            digit = ops.mod(ops.floor_divide(pos, _DIGIT_BASE**level), _DIGIT_BASE)
-            c = ops.take(ops.convert_to_tensor(cos_tables[level]), digit, axis=0)
-            s = ops.take(ops.convert_to_tensor(sin_tables[level]), digit, axis=0)
-            if cos is None:
-                cos, sin = c, s
+            step = np.fmod(float(_DIGIT_BASE**level) * self.inv_freq, 2.0 * math.pi)
+            d = digits - _DIGIT_BASE // 2 if level == _NUM_DIGITS - 1 else digits
+            angle = d[:, None] * step[None, :]
+            cos_tables.append(np.cos(angle).astype(np.float32))
+            sin_tables.append(np.sin(angle).astype(np.float32))
+        self._cos_tables = tuple(cos_tables)
+        self._sin_tables = tuple(sin_tables)
+
+    # ------------------------------------------------------------------ angles
+    def _cos_sin(self, positions, num_levels=_NUM_DIGITS):
+        """float32 `cos, sin` of `positions * inv_freq`, shape `positions.shape + (d_rot/2,)`.
+
+        `num_levels < _NUM_DIGITS` only for positions known to lie in `[0, 256**num_levels)`.
+        """
+        frac = None
+        if keras.backend.is_float_dtype(keras.backend.standardize_dtype(positions.dtype)):
+            positions = ops.cast(positions, "float32")
+            whole = ops.floor(positions)
+            frac = positions - whole
+            positions = whole
+        p = ops.cast(positions, "int32")
+        cos = sin = None
+        for level in range(num_levels):
+            if level == _NUM_DIGITS - 1:  # signed top digit in [-128, 127]
+                digit = ops.floor_divide(p, _DIGIT_BASE**level) + _DIGIT_BASE // 2
+            elif level == 0:
+                digit = ops.mod(p, _DIGIT_BASE)
             else:
-                cos, sin = cos * c - sin * s, sin * c + cos * s
+                digit = ops.mod(ops.floor_divide(p, _DIGIT_BASE**level), _DIGIT_BASE)
+            c = ops.take(ops.convert_to_tensor(self._cos_tables[level]), digit, axis=0)
+            s = ops.take(ops.convert_to_tensor(self._sin_tables[level]), digit, axis=0)
+            cos, sin = (c, s) if cos is None else (cos * c - sin * s, sin * c + cos * s)
+        if frac is not None:  # |frac * theta| < 1: plain float32 is accurate to ~1e-7
+            angle = frac[..., None] * ops.convert_to_tensor(self._inv_freq32)
+            c, s = ops.cos(angle), ops.sin(angle)
+            cos, sin = cos * c - sin * s, sin * c + cos * s
         return cos, sin
 
-    def _static_cos_sin(self, seq):
-        """`cos, sin` for positions `0..seq-1` computed in float64 NumPy (static length)."""
-        angle = np.arange(seq, dtype=np.float64)[:, None] * self.inv_freq[None, :]
-        return (ops.convert_to_tensor(np.cos(angle).astype("float32")),
-                ops.convert_to_tensor(np.sin(angle).astype("float32")))
+    # ------------------------------------------------------------------ call
+    def _check_input_shape(self, shape, default_positions):
+        shape = tuple(shape)
+        if len(shape) < 1 or (shape[-1] is not None and shape[-1] != self.dim):
+            raise ValueError(
+                f"Invalid inputs of shape {shape}: the last axis must equal dim={self.dim}."
+            )
+        if default_positions and len(shape) < 2:
+            raise ValueError(
+                f"Invalid inputs of shape {shape}: default positions need inputs of shape "
+                "(..., seq, dim); pass positions explicitly."
+            )
 
     def call(self, inputs, positions=None):
-        if inputs.shape[-1] is not None and inputs.shape[-1] != self.dim:
-            raise ValueError(
-                f"Invalid inputs: last axis {inputs.shape[-1]} does not match dim={self.dim}."
-            )
-        dtype = inputs.dtype
-        x = ops.cast(inputs, "float32")
+        inputs = ops.convert_to_tensor(inputs)
+        self._check_input_shape(inputs.shape, positions is None)
         if positions is None:
             seq = inputs.shape[-2]
-            if seq is not None:
-                cos, sin = self._static_cos_sin(int(seq))
-            else:
+            if seq is None:
                 cos, sin = self._cos_sin(ops.arange(ops.shape(inputs)[-2], dtype="int32"))
+            else:
+                levels = 1
+                while _DIGIT_BASE**levels < seq and levels < _NUM_DIGITS:
+                    levels += 1
+                cos, sin = self._cos_sin(ops.arange(int(seq), dtype="int32"), levels)
         else:
-            cos, sin = self._cos_sin(positions)
-        half = self.d_rot // 2
-        rotated = x[..., : self.d_rot]
-        lead = [ops.shape(rotated)[i] if rotated.shape[i] is None else rotated.shape[i]
-                for i in range(len(rotated.shape) - 1)]
-        pairs = ops.reshape(rotated, lead + [half, 2])
-        even, odd = pairs[..., 0], pairs[..., 1]
-        out = ops.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
-        out = ops.reshape(out, ops.shape(out)[:-2] + (self.d_rot,))
+            cos, sin = self._cos_sin(ops.convert_to_tensor(positions))
+
+        # Per channel: out = x * C + swap_pairs(x) * S, with C = (cos_0, cos_0, cos_1, ...),
+        # S = (-sin_0, sin_0, -sin_1, ...), and C = 1, S = 0 on the pass-through channels.
+        c = ops.repeat(cos, 2, axis=-1)
+        s = ops.repeat(sin, 2, axis=-1) * ops.convert_to_tensor(self._sin_sign)
         if self.d_rot < self.dim:
-            out = ops.concatenate([out, x[..., self.d_rot:]], axis=-1)
-        scale = self.output_scale()
-        if scale != 1.0:
-            out = out * scale
-        return ops.cast(out, dtype)
+            pad = [[0, 0]] * (len(c.shape) - 1) + [[0, self.dim - self.d_rot]]
+            c = ops.pad(c, pad, constant_values=1.0)
+            s = ops.pad(s, pad)
+        if self._scale != 1.0:
+            c = c * self._scale
+            s = s * self._scale
+        swap = np.arange(self.dim, dtype=np.int32)
+        swap[: self.d_rot] = swap[: self.d_rot] ^ 1  # (1, 0, 3, 2, ...), identity after d_rot
+        x = ops.cast(inputs, "float32")
+        out = x * c + ops.take(x, ops.convert_to_tensor(swap), axis=-1) * s
+        return ops.cast(out, inputs.dtype)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
+
+    def compute_output_spec(self, inputs, positions=None):
+        # The output keeps the input dtype (no autocast), not the policy's compute dtype.
+        self._check_input_shape(inputs.shape, positions is None)
+        return keras.KerasTensor(inputs.shape, dtype=inputs.dtype)
 
     def get_config(self):
         config = super().get_config()
@@ -175,68 +246,87 @@ class RoPEEmbeddings(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="keras_infini")
 class YaRNEmbeddings(RoPEEmbeddings):
-    """YaRN: RoPE with NTK-by-parts frequency interpolation and attention scaling.
+    """YaRN: RoPE with "NTK-by-parts" frequency interpolation and attention scaling.
 
-    With `s = context_len_ext / context_len`, per pair the wavelength is
-    `lambda_i = 2 pi / theta_i`, `r_i = context_len / lambda_i`, the ramp
-    `gamma_i = clip((r_i - alpha) / (beta - alpha), 0, 1)` and the new frequency
-    `theta'_i = (1 - gamma_i) theta_i / s + gamma_i theta_i` (YaRN sec. 3). The whole
-    output vector is multiplied by `mscale = 0.1 ln(s) + 1` (or `len_scale`), so the
-    attention logits scale by `mscale ** 2` as in the paper.
+    YaRN (arXiv 2309.00071, sec. 3) extends a model trained on `context_len` tokens to
+    `context_len_ext`. With `s = context_len_ext / context_len`, each pair's wavelength
+    `lambda_i = 2 pi / theta_i` gives `r_i = context_len / lambda_i` rotations per context
+    and the ramp `gamma_i = clip((r_i - alpha) / (beta - alpha), 0, 1)`; the frequency
+    becomes `theta'_i = (1 - gamma_i) theta_i / s + gamma_i theta_i` (high frequencies kept,
+    low frequencies interpolated by `s`). The pairs are rotated by `p * theta'_i` exactly as
+    in `RoPEEmbeddings`, then the whole output vector (pass-through channels included) is
+    multiplied by `mscale = 0.1 ln(s) + 1` (or by `len_scale` when given), so that the
+    attention logits `q . k` scale by `mscale ** 2` as in the paper.
 
     Args:
-        dim, seq_len, dim_embeddings_pct, base: as in `RoPEEmbeddings`.
-        context_len: the context length the model was trained with.
-        context_len_ext: the extended context length, `>= context_len`.
-        alpha, beta: ramp bounds in rotations per context, `beta > alpha`.
-        len_scale: optional output scale replacing `0.1 ln(s) + 1`, `> 0`.
+        dim: int, the size of the last axis of the inputs.
+        seq_len: int, the segment length the layer is built for.
+        context_len: number `> 0`, the context length the model was trained with.
+        context_len_ext: number `>= context_len`, the extended context length.
+        dim_embeddings_pct: float in `(0, 1]`, the fraction of `dim` that is rotated.
+        base: float `> 1`, the frequency base.
+        alpha: number, the ramp's lower bound in rotations per context (below it the
+            frequency is interpolated by `s`).
+        beta: number `> alpha`, the ramp's upper bound (above it the frequency is kept).
+        len_scale: optional number `> 0` replacing `mscale = 0.1 ln(s) + 1`.
         **kwargs: standard `keras.layers.Layer` arguments.
+
+    Call arguments: as in `RoPEEmbeddings`.
+
+    Attributes (besides those of `RoPEEmbeddings`):
+        inv_freq: float64 NumPy `(d_rot / 2,)`, the interpolated frequencies `theta'_i`.
+        ramp: float64 NumPy `(d_rot / 2,)`, `gamma_i`.
+        mscale: float, the factor applied to the output.
 
     Example:
 
-    >>> import keras
+    >>> import numpy as np
     >>> from keras_infini import YaRNEmbeddings
     >>> yarn = YaRNEmbeddings(dim=8, seq_len=16, context_len=16, context_len_ext=64)
-    >>> tuple(yarn(keras.random.normal((2, 16, 8))).shape)
+    >>> round(yarn.mscale, 4)  # 0.1 * ln(4) + 1
+    1.1386
+    >>> x = np.random.normal(size=(2, 16, 8)).astype("float32")
+    >>> tuple(yarn(x, positions=np.arange(48, 64)).shape)
     (2, 16, 8)
     """
 
-    def __init__(self, dim, seq_len, context_len, context_len_ext, dim_embeddings_pct=0.5,
-                 base=10000, alpha=1, beta=32, len_scale=None, **kwargs):
-        super().__init__(dim, seq_len, dim_embeddings_pct=dim_embeddings_pct, base=base,
-                         **kwargs)
-        _check_number("context_len", context_len, lambda v: v > 0, "a positive number")
-        _check_number("context_len_ext", context_len_ext, lambda v: v > 0, "a positive number")
-        if context_len_ext < context_len:
-            raise ValueError(
-                f"Invalid context_len_ext={context_len_ext!r}: expected a value >= "
-                f"context_len={context_len!r}."
-            )
-        _check_number("alpha", alpha, lambda v: True, "a number")
-        _check_number("beta", beta, lambda v: v > alpha, f"a number greater than alpha={alpha!r}")
+    def __init__(
+        self,
+        dim,
+        seq_len,
+        context_len,
+        context_len_ext,
+        dim_embeddings_pct=0.5,
+        base=10000,
+        alpha=1,
+        beta=32,
+        len_scale=None,
+        **kwargs,
+    ):
+        super().__init__(dim, seq_len, dim_embeddings_pct=dim_embeddings_pct, base=base, **kwargs)
+        context_len = _real("context_len", context_len, lambda v: v > 0, "a positive number")
+        context_len_ext = _real(
+            "context_len_ext",
+            context_len_ext,
+            lambda v: v >= context_len,
+            f"a number >= context_len={context_len!r}",
+        )
+        alpha = _real("alpha", alpha)
+        beta = _real("beta", beta, lambda v: v > alpha, f"a number greater than alpha={alpha!r}")
         if len_scale is not None:
-            _check_number("len_scale", len_scale, lambda v: v > 0, "None or a number > 0")
+            len_scale = _real("len_scale", len_scale, lambda v: v > 0, "None or a number > 0")
         self.context_len = context_len
         self.context_len_ext = context_len_ext
         self.alpha = alpha
         self.beta = beta
         self.len_scale = len_scale
 
-    def frequencies(self):
-        theta = super().frequencies()
-        s = self.context_len_ext / self.context_len
-        ratio = self.context_len / (2 * math.pi / theta)
-        gamma = np.clip((ratio - self.alpha) / (self.beta - self.alpha), 0.0, 1.0)
-        return (1 - gamma) * theta / s + gamma * theta
-
-    def output_scale(self):
-        if self.len_scale is not None:
-            return float(self.len_scale)
-        return 0.1 * math.log(self.context_len_ext / self.context_len) + 1.0
-
-    @property
-    def mscale(self):
-        return self.output_scale()
+        s = context_len_ext / context_len
+        ratio = context_len / (2.0 * math.pi / self.theta)
+        self.ramp = np.clip((ratio - alpha) / (beta - alpha), 0.0, 1.0)
+        inv_freq = (1.0 - self.ramp) * self.theta / s + self.ramp * self.theta
+        self.mscale = float(len_scale) if len_scale is not None else 0.1 * math.log(s) + 1.0
+        self._set_frequencies(inv_freq, self.mscale)
 
     def get_config(self):
         config = super().get_config()

@@ -49,3 +49,41 @@ def local_attention(query, key, value, mask):
     has_key = ops.cast(ops.any(mask, axis=-1, keepdims=True), "float32")
     probs = ops.cast(probs * has_key, value.dtype)
     return ops.matmul(probs, value)
+
+
+def grouped_local_attention(query, key, value, key_valid, causal, group_segments):
+    """`local_attention` over groups of `group_segments` segments at a time.
+
+    Folding every segment of a long input into one batch makes the `(S, S)` score tensors
+    of all segments live at once (hundreds of MB at 64K tokens), so long inputs become
+    memory-bound. Mapping over fixed-size groups with `ops.map` keeps the working set
+    constant: `tf.map_fn` (TensorFlow, differentiable under XLA: it bounds its loop),
+    `lax.map` (JAX) or a loop (torch). Inputs of at most one group take the direct path.
+
+    Args:
+        query, key, value: `(batch, n, heads, S, dim)`.
+        key_valid: float 0/1 `(batch, n, S)`.
+        causal: causal mask inside each segment.
+        group_segments: segments per group (a Python int).
+    """
+    n = query.shape[1]
+    if n is None or n <= group_segments:
+        return local_attention(query, key, value, attention_mask(key_valid, causal))
+    groups = -(-n // group_segments)
+    pad = groups * group_segments - n
+
+    def to_groups(t):
+        if pad:
+            filler = ops.zeros_like(t[:, :pad])
+            t = ops.concatenate([t, filler], axis=1)
+        shape = [ops.shape(t)[0], groups, group_segments] + list(t.shape[2:])
+        return ops.moveaxis(ops.reshape(t, shape), 1, 0)
+
+    def attend(parts):
+        q, k, v, valid = parts
+        return local_attention(q, k, v, attention_mask(valid, causal))
+
+    out = ops.map(attend, tuple(to_groups(t) for t in (query, key, value, key_valid)))
+    out = ops.moveaxis(out, 0, 1)  # (batch, groups, G, heads, S, dv)
+    out = ops.reshape(out, [ops.shape(out)[0], groups * group_segments] + list(out.shape[3:]))
+    return out[:, :n] if pad else out
