@@ -221,6 +221,10 @@ def test_delta_scan_and_associative_agree():
     s_before, s_final = memory_ops.delta_memory_states(sk, v, z_before, m0, "scan")
     np.testing.assert_allclose(to_numpy(a_before), to_numpy(s_before), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(to_numpy(a_final), to_numpy(s_final), rtol=1e-4, atol=1e-4)
+    if BACKEND == "tensorflow":  # the TF fast path for a dynamic number of segments
+        w_before, w_final = memory_ops.delta_memory_states(sk, v, z_before, m0, "tf_while")
+        np.testing.assert_allclose(to_numpy(w_before), to_numpy(s_before), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(to_numpy(w_final), to_numpy(s_final), rtol=1e-5, atol=1e-5)
 
 
 def test_weights_and_initial_values():
@@ -388,3 +392,16 @@ def test_grouped_attention_fit_jit_compile():
     losses = model.fit(x, np.roll(x, 1, axis=1), epochs=3, batch_size=2, verbose=0)
     losses = losses.history["loss"]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_fit_jit_compile_with_changing_lengths():
+    """Varying lengths make TF retrace with a None length (dynamic number of segments)."""
+    inp = keras.Input((None, D))
+    layer = CompressiveMemory(D, DK, DV, H, S, update="delta", causal=True,
+                              positional_embedder="rope")
+    model = keras.Model(inp, layer(inp))
+    model.compile(optimizer="sgd", loss="mse", jit_compile=BACKEND != "torch")
+    for length in [12, 20, 9]:
+        x = inputs(length, batch=4)
+        loss = model.fit(x, x, batch_size=2, epochs=1, verbose=0).history["loss"][0]
+        assert np.isfinite(loss)

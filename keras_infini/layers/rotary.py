@@ -12,12 +12,14 @@ the `cos`/`sin` of `d * 256**k * theta_i` are looked up in small tables computed
 (with `fmod(256**k * theta_i, 2 pi)`, exact) and rounded once to float32, and the digit
 rotations are combined in float32 with the angle-addition formulas. A fractional part of a
 float position (`|frac * theta| < 1`) is rotated directly in float32. Measured max abs error
-of the rotated output of a unit vector against a float64 NumPy reference (float32 compute):
-~3e-7 for positions up to 65536 and ~5e-7 up to 2**31 - 1, against ~4e-3 for the naive
-float32 product at 65536. The lookup costs one gather per digit and 3 complex products on a
-tensor of shape `positions.shape + (d_rot / 2,)`, no transcendental function on device; the
-default positions `0..seq-1` of a static length use only the digits they need (one for
-`seq <= 256`).
+of the rotated output of a unit vector against a float64 NumPy reference (dim 16, 8192
+positions, CPU, same on JAX/TF/torch): 1.3e-7 for positions up to 65536 and 2.4e-7 for
+random int32 positions, against 1.1e-3 (65536) and 2.0 (int32) for the naive float32
+product. The lookup costs one gather per digit and 3 complex products on a tensor of shape
+`positions.shape + (d_rot / 2,)`, no transcendental function on device; the default
+positions `0..seq-1` of a static length use only the digits they need (one for
+`seq <= 256`). Float positions are split into `floor` (table path) and fraction in their
+own dtype, so a float32 position is only as exact as float32 (integers up to 2**24).
 """
 
 import math
@@ -134,6 +136,9 @@ class RoPEEmbeddings(keras.layers.Layer):
         half = self.d_rot // 2
         sign = np.tile(np.array([-1.0, 1.0], dtype=np.float32), half)
         self._sin_sign = sign  # out[2i] gets -sin, out[2i+1] gets +sin
+        swap = np.arange(self.dim, dtype=np.int32)
+        swap[: self.d_rot] ^= 1  # (1, 0, 3, 2, ...), identity on the pass-through channels
+        self._swap = swap
         # Level k: cos/sin of d * 256**k * theta_i for d in 0..255 (the top level for the
         # signed digit d - 128). 256**k * theta_i is exact in float64 (a power of 2 times
         # theta_i), and so is its fmod by 2 pi; d * step < 256 * 2 pi keeps ~1e-13 rad.
@@ -156,9 +161,8 @@ class RoPEEmbeddings(keras.layers.Layer):
         """
         frac = None
         if keras.backend.is_float_dtype(keras.backend.standardize_dtype(positions.dtype)):
-            positions = ops.cast(positions, "float32")
-            whole = ops.floor(positions)
-            frac = positions - whole
+            whole = ops.floor(positions)  # in the positions' own dtype (float64 stays exact)
+            frac = ops.cast(positions - whole, "float32")
             positions = whole
         p = ops.cast(positions, "int32")
         cos = sin = None
@@ -217,10 +221,8 @@ class RoPEEmbeddings(keras.layers.Layer):
         if self._scale != 1.0:
             c = c * self._scale
             s = s * self._scale
-        swap = np.arange(self.dim, dtype=np.int32)
-        swap[: self.d_rot] = swap[: self.d_rot] ^ 1  # (1, 0, 3, 2, ...), identity after d_rot
         x = ops.cast(inputs, "float32")
-        out = x * c + ops.take(x, ops.convert_to_tensor(swap), axis=-1) * s
+        out = x * c + ops.take(x, ops.convert_to_tensor(self._swap), axis=-1) * s
         return ops.cast(out, inputs.dtype)
 
     def compute_output_shape(self, input_shape):

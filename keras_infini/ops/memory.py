@@ -157,19 +157,29 @@ def delta_memory_states(sigma_k, value, norm_before, memory0, method="auto"):
     """Delta-rule memory states, choosing the fastest correct method for the backend.
 
     `method="auto"`: TensorFlow uses the associative scan whenever the number of segments
-    is static, because `ops.scan` lowers to a `tf.while_loop` that XLA cannot differentiate
+    is static, and otherwise a bounded `tf.while_loop` (`_tf_delta`), because `ops.scan` lowers to a `tf.while_loop` that XLA cannot differentiate
     (`jit_compile=True`, the default on GPU); JAX and torch use the sequential scan, which
     does fewer FLOPs (`S*dk*dv` per segment against `dk^2*(dk+dv)*log n`) and whose
     per-step overhead is small there (XLA while loop / eager torch kernels).
     """
     if method == "auto":
-        static_n = sigma_k.shape[1] is not None
-        method = "associative" if backend.backend() == "tensorflow" and static_n else "scan"
+        if backend.backend() == "tensorflow":
+            method = "associative" if sigma_k.shape[1] is not None else "tf_while"
+        else:
+            method = "scan"
+    if method == "tf_while":
+        from keras_infini.ops import _tf_delta
+
+        return _tf_delta.delta_memory_states_while(
+            sigma_k, value, norm_before, memory0, _delta_step
+        )
     if method == "associative":
         return delta_memory_states_associative(sigma_k, value, norm_before, memory0)
     if method == "scan":
         return delta_memory_states_scan(sigma_k, value, norm_before, memory0)
-    raise ValueError(f"Unknown method={method!r}; expected 'auto', 'scan' or 'associative'.")
+    raise ValueError(
+        f"Unknown method={method!r}; expected 'auto', 'scan', 'associative' or 'tf_while'."
+    )
 
 
 def retrieve(sigma_q, memory_before, norm_before):
