@@ -1,16 +1,24 @@
 """FFN activations as Keras layers: plain, Swish and the gated linear unit family.
 
-Every layer preserves the last axis `d`. Names (for `get_activation(name, dim)`):
+Every layer maps inputs `(..., d)` to outputs `(..., d)` and works token by token, so it
+passes a Keras mask through unchanged. `get_activation(name, dim)` builds a fresh layer by
+name; the valid names are `ACTIVATIONS`:
 
-- `relu`, `gelu` (exact, erf), `abs`: no weights.
+- `relu`, `gelu` (exact, erf-based), `abs`: no weights.
 - `swish`: `x * sigmoid(beta * x)`, trainable scalar `beta` (init 1).
-- `swiglu`: `swish(x W + b) * (x V + c)` with its own `beta`; `geglu`: `gelu(x W + b) * (x V + c)`;
-  `W` = `kernel_gate`, `V` = `kernel_value` `(d, d)`, `b` = `bias_gate`, `c` = `bias_value`.
+- `swiglu`: `swish(x W + b) * (x V + c)` with its own trainable `beta`;
+  `geglu`: `gelu(x W + b) * (x V + c)`. `W` = `kernel_gate`, `V` = `kernel_value`, both
+  `(d, d)`; `b` = `bias_gate`, `c` = `bias_value`, both `(d,)`.
 - `ffnglu`: `(sigmoid(x W1) * (x V)) W2`; `ffngeglu`: `(gelu(x W1) * (x V)) W2`;
-  `ffnswiglu`: `(swish_1(x W1) * (x V)) W2`; inner width `ceil(2 d / 3)`; `W1` =
-  `kernel_gate`, `V` = `kernel_value` `(d, inner)`, `W2` = `kernel_out` `(inner, d)`.
+  `ffnswiglu`: `(swish_1(x W1) * (x V)) W2` (`beta` fixed to 1, no weight). Inner width
+  `ceil(2 d / 3)` (keeps the parameter count of a `d -> 2d -> d` two-matrix FFN roughly);
+  `W1` = `kernel_gate`, `V` = `kernel_value`, both `(d, inner)`; `W2` = `kernel_out`
+  `(inner, d)`; no biases.
 
-Kernels are Glorot-uniform, biases zeros (Shazeer 2020, "GLU Variants Improve Transformer").
+Kernels are Glorot-uniform, biases zeros (Shazeer 2020, "GLU Variants Improve Transformer",
+arXiv 2002.05202). `gelu` is always the exact GELU `x * Phi(x)`, never the tanh
+approximation. Weights are stored in the variable dtype of the layer's dtype policy
+(float32 under `mixed_bfloat16`/`mixed_float16`) and the math runs in its compute dtype.
 """
 
 import numbers
@@ -32,32 +40,42 @@ def _exact_gelu(x):
     return ops.gelu(x, approximate=False)
 
 
-class _Activation(keras.layers.Layer):
-    """Base: a per-token layer of width `dim` (checked against the input at build)."""
+def _swish(x, beta=None):
+    """`x * sigmoid(beta * x)`; `beta=None` means 1."""
+    return x * ops.sigmoid(x if beta is None else beta * x)
 
-    weighted = False
+
+class _Activation(keras.layers.Layer):
+    """Base: a per-token layer whose last axis has width `dim` (checked at build).
+
+    Subclasses set `dim_required = True` when they hold weights, and create them in
+    `build_weights()` once `self.dim` is known.
+    """
+
+    dim_required = False
 
     def __init__(self, dim=None, **kwargs):
         super().__init__(**kwargs)
-        self.dim = _check_dim(dim, allow_none=not self.weighted)
+        self.dim = _check_dim(dim, allow_none=not self.dim_required)
         self.supports_masking = True
 
     def build(self, input_shape):
         last = input_shape[-1]
-        if self.dim is None:
-            self.dim = None if last is None else int(last)
-        elif last is not None and int(last) != self.dim:
+        if self.dim is not None and last is not None and int(last) != self.dim:
             raise ValueError(
-                f"Invalid inputs for {type(self).__name__}: last axis {last} does not match "
-                f"dim={self.dim}."
+                f"Invalid inputs for {type(self).__name__}: the last axis has size {last} but "
+                f"the layer was created with dim={self.dim} (input shape {tuple(input_shape)})."
             )
-        if self.weighted and self.dim is None:
-            raise ValueError(f"{type(self).__name__} needs a known last axis (dim).")
         self.build_weights()
-        self.built = True
 
     def build_weights(self):
-        pass
+        """Creates the layer's weights (none by default)."""
+
+    def _kernel(self, name, shape):
+        return self.add_weight(name=name, shape=shape, initializer="glorot_uniform")
+
+    def _scalar_beta(self):
+        return self.add_weight(name="beta", shape=(), initializer="ones")
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
@@ -70,15 +88,19 @@ class _Activation(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="keras_infini")
 class ReLU(_Activation):
-    """`max(x, 0)`.
+    """`max(x, 0)`, elementwise.
 
     Args:
-        dim: optional width of the last axis (checked at build).
+        dim: optional int, the size of the last axis of the inputs; checked at build when
+            given. `None` accepts any width.
+        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Example:
 
+    >>> import keras
     >>> from keras_infini.layers.activations import ReLU
-    >>> ReLU()(keras.ops.array([[-1.0, 2.0]]))  # [[0., 2.]]  # doctest: +SKIP
+    >>> keras.ops.convert_to_numpy(ReLU()(keras.ops.array([[-1.0, 2.0]]))).tolist()
+    [[0.0, 2.0]]
     """
 
     def call(self, inputs):
@@ -87,15 +109,20 @@ class ReLU(_Activation):
 
 @keras.saving.register_keras_serializable(package="keras_infini")
 class GELU(_Activation):
-    """Exact GELU, `x * Phi(x)` with the erf (not the tanh approximation).
+    """Exact GELU, `x * Phi(x) = 0.5 x (1 + erf(x / sqrt(2)))` (not the tanh approximation).
 
     Args:
-        dim: optional width of the last axis (checked at build).
+        dim: optional int, the size of the last axis of the inputs; checked at build when
+            given. `None` accepts any width.
+        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Example:
 
+    >>> import keras
     >>> from keras_infini.layers.activations import GELU
-    >>> y = GELU()(keras.random.normal((2, 4)))
+    >>> y = GELU(dim=4)(keras.ops.ones((2, 3, 4)))
+    >>> tuple(y.shape), round(float(keras.ops.convert_to_numpy(y)[0, 0, 0]), 4)
+    ((2, 3, 4), 0.8413)
     """
 
     def call(self, inputs):
@@ -104,23 +131,23 @@ class GELU(_Activation):
 
 @keras.saving.register_keras_serializable(package="keras_infini")
 class Abs(_Activation):
-    """`|x|`.
+    """`|x|`, elementwise.
 
     Args:
-        dim: optional width of the last axis (checked at build).
+        dim: optional int, the size of the last axis of the inputs; checked at build when
+            given. `None` accepts any width.
+        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Example:
 
+    >>> import keras
     >>> from keras_infini.layers.activations import Abs
-    >>> y = Abs()(keras.random.normal((2, 4)))
+    >>> keras.ops.convert_to_numpy(Abs()(keras.ops.array([[-1.5, 2.0]]))).tolist()
+    [[1.5, 2.0]]
     """
 
     def call(self, inputs):
         return ops.abs(inputs)
-
-
-def _add_beta(layer):
-    layer.beta = layer.add_weight(name="beta", shape=(), initializer="ones", trainable=True)
 
 
 @keras.saving.register_keras_serializable(package="keras_infini")
@@ -128,36 +155,44 @@ class Swish(_Activation):
     """`x * sigmoid(beta * x)` with a trainable scalar `beta` (initialised to 1).
 
     Args:
-        dim: optional width of the last axis (checked at build).
+        dim: int, the size of the last axis of the inputs (checked at build; `beta` is a
+            single scalar whatever the width).
+        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Attributes:
+        beta: the scalar weight, shape `()`.
 
     Example:
 
+    >>> import keras
     >>> from keras_infini.layers.activations import Swish
-    >>> y = Swish(4)(keras.random.normal((2, 4)))
+    >>> layer = Swish(4)
+    >>> tuple(layer(keras.ops.ones((2, 3, 4))).shape), float(layer.beta.numpy())
+    ((2, 3, 4), 1.0)
     """
 
+    dim_required = True
+
     def build_weights(self):
-        _add_beta(self)
+        self.beta = self._scalar_beta()
 
     def call(self, inputs):
-        return inputs * ops.sigmoid(ops.cast(self.beta, inputs.dtype) * inputs)
+        return _swish(inputs, ops.cast(self.beta, inputs.dtype))
 
 
 class _GatedUnit(_Activation):
-    """`gate(x W + b) * (x V + c)` with `(d, d)` kernels and biases."""
+    """`gate(x W + b) * (x V + c)` with `(d, d)` kernels and `(d,)` biases."""
 
-    weighted = True
+    dim_required = True
 
     def gate(self, t):
         raise NotImplementedError
 
     def build_weights(self):
         d = self.dim
-        self.kernel_gate = self.add_weight(name="kernel_gate", shape=(d, d),
-                                           initializer="glorot_uniform")
+        self.kernel_gate = self._kernel("kernel_gate", (d, d))
         self.bias_gate = self.add_weight(name="bias_gate", shape=(d,), initializer="zeros")
-        self.kernel_value = self.add_weight(name="kernel_value", shape=(d, d),
-                                            initializer="glorot_uniform")
+        self.kernel_value = self._kernel("kernel_value", (d, d))
         self.bias_value = self.add_weight(name="bias_value", shape=(d,), initializer="zeros")
 
     def call(self, inputs):
@@ -167,36 +202,57 @@ class _GatedUnit(_Activation):
 
 @keras.saving.register_keras_serializable(package="keras_infini")
 class SwiGLU(_GatedUnit):
-    """`swish(x W + b) * (x V + c)`, with its own trainable `beta`.
+    """`swish(x W + b) * (x V + c)`, where `swish(t) = t * sigmoid(beta * t)`.
 
     Args:
-        dim: width `d` of the last axis.
+        dim: int, the size `d` of the last axis of the inputs (and outputs).
+        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Attributes:
+        kernel_gate: `W`, `(d, d)`, Glorot-uniform.
+        bias_gate: `b`, `(d,)`, zeros.
+        kernel_value: `V`, `(d, d)`, Glorot-uniform.
+        bias_value: `c`, `(d,)`, zeros.
+        beta: trainable scalar, shape `()`, initialised to 1.
 
     Example:
 
+    >>> import keras
     >>> from keras_infini.layers.activations import SwiGLU
-    >>> y = SwiGLU(4)(keras.random.normal((2, 3, 4)))
+    >>> layer = SwiGLU(4)
+    >>> tuple(layer(keras.ops.ones((2, 3, 4))).shape), len(layer.trainable_weights)
+    ((2, 3, 4), 5)
     """
 
     def build_weights(self):
         super().build_weights()
-        _add_beta(self)
+        self.beta = self._scalar_beta()
 
     def gate(self, t):
-        return t * ops.sigmoid(ops.cast(self.beta, t.dtype) * t)
+        return _swish(t, ops.cast(self.beta, t.dtype))
 
 
 @keras.saving.register_keras_serializable(package="keras_infini")
 class GeGLU(_GatedUnit):
-    """`gelu(x W + b) * (x V + c)` (exact GELU).
+    """`gelu(x W + b) * (x V + c)` with the exact (erf) GELU.
 
     Args:
-        dim: width `d` of the last axis.
+        dim: int, the size `d` of the last axis of the inputs (and outputs).
+        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Attributes:
+        kernel_gate: `W`, `(d, d)`, Glorot-uniform.
+        bias_gate: `b`, `(d,)`, zeros.
+        kernel_value: `V`, `(d, d)`, Glorot-uniform.
+        bias_value: `c`, `(d,)`, zeros.
 
     Example:
 
+    >>> import keras
     >>> from keras_infini.layers.activations import GeGLU
-    >>> y = GeGLU(4)(keras.random.normal((2, 3, 4)))
+    >>> layer = GeGLU(4)
+    >>> tuple(layer(keras.ops.ones((2, 3, 4))).shape), len(layer.trainable_weights)
+    ((2, 3, 4), 4)
     """
 
     def gate(self, t):
@@ -206,23 +262,21 @@ class GeGLU(_GatedUnit):
 class _GatedFFN(_Activation):
     """`(gate(x W1) * (x V)) W2` with inner width `ceil(2 d / 3)`, no biases."""
 
-    weighted = True
+    dim_required = True
 
     def gate(self, t):
         raise NotImplementedError
 
     @property
     def inner_dim(self):
+        """`ceil(2 * dim / 3)`, the width of the gated hidden layer."""
         return (2 * self.dim + 2) // 3
 
     def build_weights(self):
         d, inner = self.dim, self.inner_dim
-        self.kernel_gate = self.add_weight(name="kernel_gate", shape=(d, inner),
-                                           initializer="glorot_uniform")
-        self.kernel_value = self.add_weight(name="kernel_value", shape=(d, inner),
-                                            initializer="glorot_uniform")
-        self.kernel_out = self.add_weight(name="kernel_out", shape=(inner, d),
-                                          initializer="glorot_uniform")
+        self.kernel_gate = self._kernel("kernel_gate", (d, inner))
+        self.kernel_value = self._kernel("kernel_value", (d, inner))
+        self.kernel_out = self._kernel("kernel_out", (inner, d))
 
     def call(self, inputs):
         hidden = self.gate(ops.matmul(inputs, self.kernel_gate))
@@ -232,15 +286,25 @@ class _GatedFFN(_Activation):
 
 @keras.saving.register_keras_serializable(package="keras_infini")
 class FFNGLU(_GatedFFN):
-    """`(sigmoid(x W1) * (x V)) W2`.
+    """`(sigmoid(x W1) * (x V)) W2`, inner width `ceil(2 d / 3)`.
 
     Args:
-        dim: width `d` of the last axis.
+        dim: int, the size `d` of the last axis of the inputs (and outputs).
+        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Attributes:
+        kernel_gate: `W1`, `(d, inner)`, Glorot-uniform.
+        kernel_value: `V`, `(d, inner)`, Glorot-uniform.
+        kernel_out: `W2`, `(inner, d)`, Glorot-uniform.
+        inner_dim: `ceil(2 d / 3)`.
 
     Example:
 
+    >>> import keras
     >>> from keras_infini.layers.activations import FFNGLU
-    >>> y = FFNGLU(6)(keras.random.normal((2, 6)))
+    >>> layer = FFNGLU(7)
+    >>> tuple(layer(keras.ops.ones((2, 7))).shape), tuple(layer.kernel_out.shape)
+    ((2, 7), (5, 7))
     """
 
     def gate(self, t):
@@ -249,15 +313,25 @@ class FFNGLU(_GatedFFN):
 
 @keras.saving.register_keras_serializable(package="keras_infini")
 class FFNGeGLU(_GatedFFN):
-    """`(gelu(x W1) * (x V)) W2` (exact GELU).
+    """`(gelu(x W1) * (x V)) W2` with the exact (erf) GELU, inner width `ceil(2 d / 3)`.
 
     Args:
-        dim: width `d` of the last axis.
+        dim: int, the size `d` of the last axis of the inputs (and outputs).
+        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Attributes:
+        kernel_gate: `W1`, `(d, inner)`, Glorot-uniform.
+        kernel_value: `V`, `(d, inner)`, Glorot-uniform.
+        kernel_out: `W2`, `(inner, d)`, Glorot-uniform.
+        inner_dim: `ceil(2 d / 3)`.
 
     Example:
 
+    >>> import keras
     >>> from keras_infini.layers.activations import FFNGeGLU
-    >>> y = FFNGeGLU(6)(keras.random.normal((2, 6)))
+    >>> layer = FFNGeGLU(6)
+    >>> tuple(layer(keras.ops.ones((2, 5, 6))).shape), layer.inner_dim
+    ((2, 5, 6), 4)
     """
 
     def gate(self, t):
@@ -266,22 +340,32 @@ class FFNGeGLU(_GatedFFN):
 
 @keras.saving.register_keras_serializable(package="keras_infini")
 class FFNSwiGLU(_GatedFFN):
-    """`(swish_1(x W1) * (x V)) W2` with a fixed `beta = 1`.
+    """`(swish_1(x W1) * (x V)) W2`, `swish_1(t) = t * sigmoid(t)` (no `beta` weight).
 
     Args:
-        dim: width `d` of the last axis.
+        dim: int, the size `d` of the last axis of the inputs (and outputs).
+        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Attributes:
+        kernel_gate: `W1`, `(d, inner)`, Glorot-uniform.
+        kernel_value: `V`, `(d, inner)`, Glorot-uniform.
+        kernel_out: `W2`, `(inner, d)`, Glorot-uniform.
+        inner_dim: `ceil(2 d / 3)`.
 
     Example:
 
+    >>> import keras
     >>> from keras_infini.layers.activations import FFNSwiGLU
-    >>> y = FFNSwiGLU(6)(keras.random.normal((2, 6)))
+    >>> layer = FFNSwiGLU(5)
+    >>> tuple(layer(keras.ops.ones((3, 5))).shape), layer.inner_dim
+    ((3, 5), 4)
     """
 
     def gate(self, t):
-        return t * ops.sigmoid(t)
+        return _swish(t)
 
 
-_CLASSES = {
+ACTIVATION_CLASSES = {
     "relu": ReLU,
     "gelu": GELU,
     "abs": Abs,
@@ -292,21 +376,36 @@ _CLASSES = {
     "ffngeglu": FFNGeGLU,
     "ffnswiglu": FFNSwiGLU,
 }
-ACTIVATIONS = tuple(_CLASSES)
+"""Activation name -> layer class, the table `get_activation` reads."""
+
+ACTIVATIONS = tuple(ACTIVATION_CLASSES)
+"""The valid activation names, in the order of the module docstring."""
 
 
 def get_activation(name, dim):
-    """A fresh activation layer `name` of width `dim`.
+    """A fresh activation layer `name` for inputs of width `dim`.
 
     Args:
-        name: one of `ACTIVATIONS`.
-        dim: width `d` of the last axis, a positive int.
+        name: str, exactly one of `ACTIVATIONS` (lower case).
+        dim: int > 0, the size `d` of the last axis of the inputs.
+
+    Returns:
+        A new, unbuilt layer instance (never shared between calls).
 
     Raises:
-        ValueError: naming the argument `activation` (with the valid names) or `dim`.
+        ValueError: for an unknown or non-string `name` (the message names the argument
+            `activation` and lists the valid names), or a `dim` that is not a positive int.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_infini import get_activation
+    >>> layer = get_activation("ffnswiglu", 6)
+    >>> type(layer).__name__, tuple(layer(keras.ops.ones((2, 6))).shape)
+    ('FFNSwiGLU', (2, 6))
     """
-    if not isinstance(name, str) or name not in _CLASSES:
+    if not isinstance(name, str) or name not in ACTIVATION_CLASSES:
         raise ValueError(
             f"Invalid activation={name!r}: expected one of {', '.join(ACTIVATIONS)}."
         )
-    return _CLASSES[name](_check_dim(dim, allow_none=False))
+    return ACTIVATION_CLASSES[name](_check_dim(dim, allow_none=False))
