@@ -151,6 +151,26 @@ def backend_version(backend):
     return "unknown"
 
 
+# Distribution names to try for each backend's version (without importing it).
+BACKEND_PACKAGES = {
+    "jax": ("jax",),
+    "tensorflow": ("tensorflow", "tensorflow-cpu"),
+    "torch": ("torch",),
+}
+
+
+def installed_version(*distributions):
+    """Version of the first installed distribution among `distributions` (no import), or '?'."""
+    from importlib import metadata
+
+    for name in distributions:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return "?"
+
+
 def environment_info():
     """Backend, versions, CPU model and core counts of the current process (imports Keras)."""
     import keras

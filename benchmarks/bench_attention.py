@@ -199,6 +199,8 @@ def display_name(layer_name, rope):
 def run_all(args):
     """Runs every configuration in a subprocess; returns the list of row records."""
     records = []
+    child_env = dict(os.environ)
+    child_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # keep TF's INFO lines out of stderr
     for layer_name in args.layers:
         failed_at = None
         for length in args.lengths:
@@ -219,7 +221,7 @@ def run_all(args):
                 if args.rope:
                     argv.append("--rope")
                 log(f"{display_name(layer_name, args.rope)} L={length}: running ...")
-                status, result, info = _common.run_child(argv, args.timeout)
+                status, result, info = _common.run_child(argv, args.timeout, env=child_env)
                 record.update(status=status, info=info)
                 if status == "ok":
                     record["result"] = result
@@ -270,10 +272,13 @@ def header_lines(records, args):
         env = ok[0]["env"]
     else:
         usable, total = _common.usable_cores()
+        backend = os.environ.get("KERAS_BACKEND", "tensorflow")
         env = {
-            "backend": os.environ.get("KERAS_BACKEND", "tensorflow"),
-            "keras_version": "?",
-            "backend_version": "?",
+            "backend": backend,
+            "keras_version": _common.installed_version("keras"),
+            "backend_version": _common.installed_version(
+                *_common.BACKEND_PACKAGES.get(backend, (backend,))
+            ),
             "cpu_model": _common.cpu_model(),
             "cores_usable": usable,
             "cores_total": total,
@@ -311,6 +316,12 @@ def derived_lines(records, rope):
     }
     cm_layers = sorted({layer for layer, _ in ok if layer != "mha"}, key=LAYERS.index)
     lines = []
+    if any(max(r["forward_mfu"], r["train_mfu"]) > 1.0 for r in ok.values()):
+        lines.append(
+            "note: an MFU above 100% means the implementation does less work than the model "
+            "FLOPs count (e.g. a causal fused attention kernel skipping the masked half), "
+            "or that the ceiling measurement was disturbed."
+        )
     for layer in cm_layers:
         name = display_name(layer, rope)
         speedups = [
