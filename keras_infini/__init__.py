@@ -20,6 +20,7 @@ from keras_infini.layers.mod_infini_transformer import MoDInfiniTransformer
 from keras_infini.layers.rotary import RoPEEmbeddings
 from keras_infini.layers.rotary import YaRNEmbeddings
 from keras_infini import streaming  # noqa: F401
+from keras_infini.lora import enable_lora
 
 __version__ = "0.1.0"
 
@@ -39,5 +40,6 @@ __all__ = [
     "MoDInfiniTransformer",
     "RoPEEmbeddings",
     "YaRNEmbeddings",
+    "enable_lora",
     "get_activation",
 ]

@@ -67,6 +67,8 @@ class _Activation(keras.layers.Layer):
                 f"the layer was created with dim={self.dim} (input shape {tuple(input_shape)})."
             )
         self.build_weights()
+        if self.dim_required:  # weights fix the width: check it on every call
+            self.input_spec = keras.InputSpec(min_ndim=1, axes={-1: self.dim})
 
     def build_weights(self):
         """Creates the layer's weights (none by default)."""

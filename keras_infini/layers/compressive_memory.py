@@ -243,6 +243,8 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
             )
         if self.positional_embedder is not None and not self.positional_embedder.built:
             self.positional_embedder.build((None, None, h, dk))
+        # Checked on every call once built: wrong rank or width -> ValueError.
+        self.input_spec = keras.InputSpec(ndim=3, axes={-1: self.dim_input})
         self.built = True
 
     # ------------------------------------------------------------------ state

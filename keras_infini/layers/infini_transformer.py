@@ -185,6 +185,8 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
         self.mlp_activation.build((None, None, self.dim_hidden))
         self.mlp_out = keras.layers.Dense(self.dim_input, dtype=self.dtype_policy, name="mlp_out")
         self.mlp_out.build((None, None, self.dim_hidden))
+        # Checked on every call once built: wrong rank or width -> ValueError.
+        self.input_spec = keras.InputSpec(ndim=3, axes={-1: self.dim_input})
         self.built = True
 
     def mlp(self, x):
@@ -218,6 +220,8 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
         training=None,
         return_state=None,
     ):
+        if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(inputs.dtype)):
+            inputs = keras.ops.cast(inputs, self.compute_dtype)  # integer inputs
         outputs, memory, norm = self.block(inputs, mask, positions, initial_state, training)
         return self.pack_outputs(outputs, [], memory, norm, return_state)
 

@@ -157,7 +157,8 @@ class MoDInfiniTransformer(InfiniTransformer):
 
     def call(self, inputs, mask=None, initial_state=None, training=None, return_state=None):
         seg, k = self.segment_len, self.capacity
-        batch = segment_ops.static_or_dynamic_dim(inputs, 0)
+        if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(inputs.dtype)):
+            inputs = ops.cast(inputs, self.compute_dtype)  # integer inputs, as in attention
         length = segment_ops.static_or_dynamic_dim(inputs, 1)
 
         logits = self.router(inputs)  # (b, L, 1)
@@ -175,8 +176,8 @@ class MoDInfiniTransformer(InfiniTransformer):
         r_sel = routing.gather_slots(r, indices)  # (b, n, k)
         y_sel, memory, norm = self.block(
             segment_ops.unfold(x_sel),
-            mask=ops.reshape(slot_valid > 0, (batch, -1)),
-            positions=ops.reshape(indices, (batch, -1)),
+            mask=segment_ops.unfold(slot_valid > 0),
+            positions=segment_ops.unfold(indices),
             initial_state=initial_state,
             training=training,
         )

@@ -6,8 +6,10 @@ segment is attended to in one batched einsum: no loop over segments.
 
 from keras import ops
 
-# Finite "minus infinity" for masked logits: representable in float16 and bfloat16 too.
-_MASKED_LOGIT = -3.0e4
+# Finite "minus infinity" for masked logits. The scores are float32 when it is applied, and
+# it must lie below every real score: with -3e4, inputs of magnitude ~1e3 gave real scores
+# below it and the softmax moved onto masked (e.g. future) keys.
+_MASKED_LOGIT = -1.0e30
 
 
 def attention_mask(key_valid, causal):

@@ -64,7 +64,9 @@ def selection_mask(indices, slot_valid, seg):
     """Float 0/1 `(batch, n, S)`: which tokens took a valid slot."""
     position = ops.arange(seg, dtype=indices.dtype)
     hit = ops.cast(indices[..., :, None] == position, "float32") * slot_valid[..., None]
-    return ops.max(hit, axis=-2)
+    # Valid slots hold distinct tokens, so the sum is 0/1. (`ops.max` raises on an empty
+    # tensor, batch 0, on TensorFlow and torch.)
+    return ops.sum(hit, axis=-2)
 
 
 def gather_slots(x, indices):

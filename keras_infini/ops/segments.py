@@ -49,14 +49,19 @@ def fold(x, segment_len):
     """`(batch, n * segment_len, ...)` -> `(batch, n, segment_len, ...)`."""
     batch = static_or_dynamic_dim(x, 0)
     rest = [static_or_dynamic_dim(x, i) for i in range(2, len(x.shape))]
-    return ops.reshape(x, [batch, -1, segment_len] + rest)
+    # A static segment count instead of -1: reshaping a zero-size tensor (batch 0) with
+    # -1 fails on JAX and torch.
+    n = -1 if x.shape[1] is None else int(x.shape[1]) // segment_len
+    return ops.reshape(x, [batch, n, segment_len] + rest)
 
 
 def unfold(x):
     """`(batch, n, segment_len, ...)` -> `(batch, n * segment_len, ...)`."""
     batch = static_or_dynamic_dim(x, 0)
     rest = [static_or_dynamic_dim(x, i) for i in range(3, len(x.shape))]
-    return ops.reshape(x, [batch, -1] + rest)
+    known = x.shape[1] is not None and x.shape[2] is not None
+    length = int(x.shape[1]) * int(x.shape[2]) if known else -1  # -1 fails for batch 0
+    return ops.reshape(x, [batch, length] + rest)
 
 
 def trim(x, length, axis=1):

@@ -1,0 +1,314 @@
+"""Byte-level language model with Mixture-of-Depths Infini-Transformer blocks.
+
+A causal next-byte model trained with `model.fit` on Python's own standard library (read
+at run time from the running interpreter; no download), or on any text files with
+`--data`:
+
+    Embedding(259, dim)
+    -> InfiniTransformer, MoDInfiniTransformer, InfiniTransformer, ... (alternating)
+    -> LayerNormalization -> Dense(259)
+
+Bytes are tokens 0..255, plus PAD/BOS/EOS (see `keras_infini.datasets`). Every block
+attends exactly inside segments of `--segment-len` bytes and reads earlier segments of the
+`--seq-len` window only through its compressive memory; each MoD block runs only
+`ceil(segment_len / sampling_factor)` tokens per segment through attention and MLP.
+Positions are RoPE (`--yarn` for YaRN).
+
+The model is trained with AdamW and a warmup + cosine learning-rate schedule, validated
+on held-out files every epoch, saved as `.keras`, reloaded, and evaluated: the printed
+bits-per-byte is the validation cross-entropy (nats, from `model.evaluate`, which runs MoD's
+causal inference routing and adds no router loss) divided by ln 2. Finally it samples text
+after `--prompt` with `keras_infini.streaming.generate` (memory for finished segments, only
+the current segment re-run per byte).
+
+`--no-memory` pins every block's memory gate to sigmoid(-30) ~ 0 (not trainable): local
+attention inside segments only, the baseline for what the memory adds.
+
+Usage (same script on every backend):
+
+    KERAS_BACKEND=jax python examples/modinfiniformer.py
+    KERAS_BACKEND=jax python examples/modinfiniformer.py --steps 1000 --no-memory
+    KERAS_BACKEND=torch python examples/modinfiniformer.py --data ~/notes --generate 400
+"""
+
+import argparse
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+
+from keras_infini import InfiniTransformer  # noqa: E402
+from keras_infini import MoDInfiniTransformer  # noqa: E402
+from keras_infini import YaRNEmbeddings  # noqa: E402
+from keras_infini import datasets  # noqa: E402
+from keras_infini.streaming import generate  # noqa: E402
+
+NO_MEMORY_GATE = -30.0
+
+
+# ----------------------------------------------------------------------------- data
+def load_corpus(args):
+    """`(train_docs, validation_docs)`: the stdlib (default) or `--data`, split by file."""
+    if args.data is None:
+        return datasets.stdlib_corpus(
+            validation_fraction=args.val_fraction, max_files=args.max_files
+        )
+    docs = datasets.read_text_files(args.data)
+    if args.max_files is not None:
+        docs = docs[:args.max_files]
+    if not docs:
+        raise SystemExit(f"No readable UTF-8 text files in {args.data!r}.")
+    root = args.data if os.path.isdir(args.data) else None
+    return datasets.split_by_file(docs, args.val_fraction, root=root)
+
+
+# ----------------------------------------------------------------------------- model
+def positional_embedder(args):
+    if not args.yarn:
+        return "rope"
+    # Positions are segment-local (0..segment_len-1); YaRN interpolates the low RoPE
+    # frequencies as for a context `--yarn-scale` times longer and rescales attention.
+    return YaRNEmbeddings(
+        dim=args.dim // args.heads,
+        seq_len=args.segment_len,
+        context_len=args.segment_len,
+        context_len_ext=args.yarn_scale * args.segment_len,
+    )
+
+
+def build_model(args):
+    """Embedding -> alternating InfiniTransformer / MoDInfiniTransformer -> Dense(vocab)."""
+    dim, heads = args.dim, args.heads
+    common = dict(
+        dim_input=dim,
+        dim_hidden=2 * dim,
+        dim_key=dim // heads,
+        dim_value=dim // heads,
+        num_heads=heads,
+        activation=args.activation,
+        segment_len=args.segment_len,
+        update=args.update,
+        causal=True,
+    )
+    tokens = keras.Input((None,), dtype="int32", name="tokens")
+    x = keras.layers.Embedding(datasets.VOCAB_SIZE, dim, name="embedding")(tokens)
+    for i in range(args.layers):
+        if i % 2 == 1:
+            block = MoDInfiniTransformer(
+                sampling_factor=args.sampling_factor,
+                positional_embedder=positional_embedder(args),
+                router_loss_weight=args.router_loss_weight,
+                name=f"mod_block_{i}",
+                **common,
+            )
+        else:
+            block = InfiniTransformer(
+                positional_embedder=positional_embedder(args), name=f"block_{i}", **common
+            )
+        x = block(x)
+    x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")(x)
+    logits = keras.layers.Dense(datasets.VOCAB_SIZE, name="logits")(x)
+    return keras.Model(tokens, logits, name="modinfiniformer")
+
+
+def blocks_of(model):
+    return [layer for layer in model.layers if isinstance(layer, InfiniTransformer)]
+
+
+def disable_memory(model):
+    """Local attention only: every block's per-head gate fixed at -30 (sigmoid ~ 1e-13)."""
+    for block in blocks_of(model):
+        gate = block.attention.gate
+        gate.assign(np.full(gate.shape, NO_MEMORY_GATE, dtype="float32"))
+        gate.trainable = False
+
+
+def gate_summary(model):
+    """Mean sigmoid(gate) per block: the share of memory retrieval in the attention."""
+    values = []
+    for block in blocks_of(model):
+        gate = np.asarray(keras.ops.convert_to_numpy(block.attention.gate))
+        values.append(float(np.mean(1.0 / (1.0 + np.exp(-gate)))))
+    return " ".join(f"{v:.3f}" for v in values)
+
+
+def compile_model(model, args, schedule=None):
+    jit = keras.backend.backend() in ("jax", "tensorflow")
+    if schedule is None:
+        optimizer = "adamw"  # evaluation only
+    else:
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=args.weight_decay,
+                                           clipnorm=1.0)
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=jit,
+    )
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", default=None,
+                   help="text file or folder to train on (default: the Python stdlib)")
+    p.add_argument("--max-files", type=int, default=None,
+                   help="use at most this many files (a deterministic subset)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of files held out for validation")
+    p.add_argument("--steps", type=int, default=200, help="training steps in all")
+    p.add_argument("--epochs", type=int, default=2, help="epochs (validation after each)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=1024, help="bytes per training window")
+    p.add_argument("--segment-len", type=int, default=128, help="bytes per memory segment")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--activation", default="gelu", help="MLP activation (see ACTIVATIONS)")
+    p.add_argument("--sampling-factor", type=float, default=2.0,
+                   help="MoD blocks keep ceil(segment_len / sampling_factor) tokens")
+    p.add_argument("--router-loss-weight", type=float, default=0.1)
+    p.add_argument("--update", choices=("linear", "delta"), default="linear")
+    p.add_argument("--yarn", action="store_true", help="YaRN instead of RoPE")
+    p.add_argument("--yarn-scale", type=float, default=4.0,
+                   help="with --yarn: context_len_ext / context_len")
+    p.add_argument("--no-memory", action="store_true",
+                   help="pin every memory gate to -30: local attention only")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=float, default=0.05, help="warmup fraction of the steps")
+    p.add_argument("--val-batches", type=int, default=4,
+                   help="validation batches after each epoch")
+    p.add_argument("--eval-batches", type=int, default=16,
+                   help="validation batches for the final bits-per-byte")
+    p.add_argument("--prompt", default="def ", help="generation prompt (after BOS)")
+    p.add_argument("--generate", type=int, default=64, help="bytes to generate (0: none)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default: a new temp dir)")
+    p.add_argument("--verbose", type=int, default=1,
+                   help="model.fit verbosity (1: progress bar)")
+    args = p.parse_args(argv)
+    if args.dim % args.heads:
+        p.error("--dim must be a multiple of --heads")
+    if not 1 < args.sampling_factor < args.segment_len:
+        p.error("--sampling-factor must lie in (1, segment_len)")
+    if args.steps < 1 or args.epochs < 1:
+        p.error("--steps and --epochs must be positive")
+    if args.epochs > args.steps:
+        args.epochs = args.steps
+    if args.seq_len % args.segment_len:
+        print(f"note: --seq-len {args.seq_len} is not a multiple of --segment-len "
+              f"{args.segment_len}; the last segment of each window is partial")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    backend = keras.backend.backend()
+    out = args.out or tempfile.mkdtemp(prefix="modinfiniformer_")
+    os.makedirs(out, exist_ok=True)
+    keras.utils.set_random_seed(args.seed)
+    start_all = time.perf_counter()
+
+    train_docs, val_docs = load_corpus(args)
+    steps_per_epoch = args.steps // args.epochs
+    train = datasets.ByteLMDataset(train_docs, args.seq_len, args.batch_size,
+                                   steps_per_epoch, seed=args.seed)
+    val = datasets.ByteLMDataset(val_docs, args.seq_len, args.batch_size,
+                                 args.val_batches, shuffle=False)
+    final_val = datasets.ByteLMDataset(val_docs, args.seq_len, args.batch_size,
+                                       args.eval_batches, shuffle=False)
+    print(f"backend={backend} data={args.data or 'python stdlib ' + datasets.stdlib_dir()}")
+    print(f"files: {len(train_docs)} train ({train.num_tokens:,} tokens), "
+          f"{len(val_docs)} validation ({val.num_tokens:,} tokens); "
+          f"windows of {args.seq_len} = {math.ceil(args.seq_len / args.segment_len)} "
+          f"segments of {args.segment_len}")
+
+    model = build_model(args)
+    if args.no_memory:
+        disable_memory(model)
+    total = steps_per_epoch * args.epochs
+    warmup = max(1, int(args.warmup * total))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, max(1, total - warmup), alpha=0.1, warmup_target=args.lr, warmup_steps=warmup
+    )
+    compile_model(model, args, schedule)
+    print(f"model: {args.layers} blocks (odd ones MoD, sampling factor "
+          f"{args.sampling_factor:g}), dim {args.dim}, {args.heads} heads, "
+          f"{'YaRN' if args.yarn else 'RoPE'}, update={args.update}, "
+          f"memory {'OFF (gates pinned at -30)' if args.no_memory else 'on'}; "
+          f"{model.count_params():,} parameters")
+
+    start = time.perf_counter()
+    history = model.fit(train, epochs=args.epochs, validation_data=val, verbose=args.verbose)
+    train_s = time.perf_counter() - start
+    print(f"trained {total} steps ({total * args.batch_size * args.seq_len:,} tokens) "
+          f"in {train_s:.1f} s; memory gate sigmoid per block: {gate_summary(model)}")
+
+    path = os.path.join(out, "modinfiniformer.keras")
+    model.save(path)
+    # compile=False + compile: the saved compile config names the training backend's
+    # optimizer class, and evaluation only needs the loss.
+    reloaded = keras.models.load_model(path, compile=False)
+    compile_model(reloaded, args)
+    probe = val[0][0][:1]
+    diff = float(np.max(np.abs(
+        keras.ops.convert_to_numpy(model(probe)) - keras.ops.convert_to_numpy(reloaded(probe))
+    )))
+    print(f"saved {path} ({os.path.getsize(path) / 1e6:.1f} MB); reloaded, max |logit "
+          f"difference| {diff:.2e}")
+
+    start = time.perf_counter()
+    results = reloaded.evaluate(final_val, verbose=0, return_dict=True)
+    eval_s = time.perf_counter() - start
+    val_loss = float(results["loss"])
+    bpb = val_loss / math.log(2)
+    print(f"validation ({args.eval_batches * args.batch_size} windows, "
+          f"{args.eval_batches * args.batch_size * args.seq_len:,} tokens, {eval_s:.1f} s): "
+          f"loss {val_loss:.4f} nats/byte, accuracy {float(results['accuracy']):.3f}, "
+          f"bits-per-byte {bpb:.3f}")
+
+    text = None
+    if args.generate > 0:
+        prompt = datasets.encode_document(args.prompt, eos=False)[None]
+        start = time.perf_counter()
+        tokens = generate(reloaded, prompt, args.generate, temperature=args.temperature,
+                          top_k=args.top_k, seed=args.seed)[0]
+        gen_s = time.perf_counter() - start
+        ends = np.flatnonzero(tokens[prompt.shape[1]:] == datasets.EOS)
+        if ends.size:
+            tokens = tokens[:prompt.shape[1] + ends[0]]
+        text = datasets.decode(tokens)
+        print(f"--- generated {args.generate} bytes in {gen_s:.1f} s "
+              f"(temperature {args.temperature:g}, top-k {args.top_k}) ---")
+        print(text)
+        print("---")
+    total_s = time.perf_counter() - start_all
+    print(f"RESULT backend={backend} bits_per_byte={bpb:.4f} val_loss={val_loss:.4f} "
+          f"train_s={train_s:.1f} total_s={total_s:.1f}")
+    return {
+        "backend": backend,
+        "bits_per_byte": bpb,
+        "val_loss": val_loss,
+        "history": history.history,
+        "train_seconds": train_s,
+        "total_seconds": total_s,
+        "model_path": path,
+        "text": text,
+    }
+
+
+if __name__ == "__main__":
+    main()

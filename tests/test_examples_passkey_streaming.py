@@ -1,0 +1,120 @@
+"""Smoke tests of examples/passkey.py and examples/streaming.py, and the passkey generator."""
+
+import importlib.util
+import math
+import os
+
+import numpy as np
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(
+        f"keras_infini_example_{name}", os.path.join(EXAMPLES, f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def passkey():
+    return load_example("passkey")
+
+
+@pytest.fixture(scope="module")
+def streaming():
+    return load_example("streaming")
+
+
+def find_all(seq, sub):
+    n = len(sub)
+    return [i for i in range(len(seq) - n + 1) if np.array_equal(seq[i:i + n], sub)]
+
+
+@pytest.mark.parametrize("length", [64, 256, 1000])
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_passkey_sample_has_one_key_at_depth(passkey, length, depth):
+    key = [7, 1, 4, 3, 2]
+    for phase in passkey._SENTENCE_STARTS:
+        tokens, key_start = passkey.make_sample(length, depth, key, phase=phase)
+        assert tokens.shape == (length + 1,)
+        statement = passkey.key_statement(key)
+        assert find_all(tokens, statement) == [key_start]  # stated exactly once
+        # The digit string occurs in the statement (twice) and as the answer, nowhere else.
+        digits = passkey.DIGIT_IDS[key]
+        assert find_all(tokens, digits) == [
+            key_start + 4, key_start + passkey.REPEAT_OFFSET, length + 1 - 5
+        ]
+        # At the requested depth of the filler, up to one filler sentence (<= 6 tokens).
+        n_fill = length + 1 - passkey.OVERHEAD
+        assert abs(key_start - depth * n_fill) <= 6
+        if depth == 0.0:
+            assert key_start == 0
+        if depth == 1.0:
+            assert key_start == n_fill
+        # Question, then the answer digits at the very end.
+        q = passkey.QUESTION_IDS
+        assert np.array_equal(tokens[-5 - len(q):-5], q)
+        assert np.array_equal(tokens[-5:], digits)
+        # Everything else is filler.
+        rest = np.concatenate([tokens[:key_start], tokens[key_start + len(statement):-5 - len(q)]])
+        assert np.isin(rest, passkey.FILLER_IDS).all()
+        assert not np.isin(rest, passkey.DIGIT_IDS).any()
+
+
+def test_passkey_batch_targets_are_the_answer_digits(passkey):
+    rng = np.random.default_rng(0)
+    x, y, w, keys = passkey.make_batch(rng, 8, 256)
+    assert x.shape == y.shape == w.shape == (8, 256)
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])  # next-token targets
+    np.testing.assert_array_equal(y[:, -5:], passkey.DIGIT_IDS[keys])
+    np.testing.assert_array_equal(np.flatnonzero(w.sum(0)), np.arange(251, 256))
+    # The input ends with "... The pass key is" followed by the first four digits.
+    np.testing.assert_array_equal(x[:, -4:], passkey.DIGIT_IDS[keys[:, :4]])
+    assert passkey.decode(x[0, -8:-4]) == "The pass key is"
+    # With aux_weight, the key's repetition inside the statement is weighted too.
+    _, y2, w2, keys2 = passkey.make_batch(np.random.default_rng(1), 4, 256, aux_weight=0.5)
+    for row in range(4):
+        aux = np.flatnonzero(w2[row] == 0.5)
+        assert len(aux) == 5
+        np.testing.assert_array_equal(y2[row, aux], passkey.DIGIT_IDS[keys2[row]])
+
+
+def test_passkey_main_smoke(passkey, tmp_path, capsys):
+    result = passkey.main(
+        ["--steps", "3", "--batch", "4", "--train-segments", "2", "--segment-len", "24",
+         "--dim", "16", "--heads", "2", "--layers", "1", "--eval-lengths", "1,2",
+         "--depths", "0,1", "--eval-samples", "3", "--eval-batch", "3",
+         "--out", str(tmp_path), "--verbose", "0"]
+    )
+    out = capsys.readouterr().out
+    assert "digit accuracy / whole-key accuracy" in out
+    assert "1x (48 tok)" in out and "2x (96 tok)" in out
+    assert "100% |" in out
+    png = tmp_path / "passkey_heatmap.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "passkey_results.json").exists()
+    assert set(result["results"]) == {(m, d) for m in (1, 2) for d in (0.0, 1.0)}
+    for digit, key in result["results"].values():
+        assert 0.0 <= key <= digit <= 1.0
+
+
+@pytest.mark.parametrize("mode", ["compiled", "eager"])
+def test_streaming_main_smoke(streaming, capsys, mode):
+    result = streaming.main(
+        ["--tokens", "3000", "--chunk", "512", "--reference-tokens", "1024",
+         "--dim", "16", "--heads", "2", "--layers", "2", "--segment-len", "64",
+         "--mode", mode, "--mod", "--update", "delta", "--check"]
+    )
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "peak RSS at 1024 tokens" in out and "ratio" in out
+    assert result["tokens"] == 3000
+    assert result["finite"]
+    assert result["peak_rss_final_mib"] >= result["peak_rss_reference_mib"] > 0
+    assert math.isfinite(result["tokens_per_second"]) and result["tokens_per_second"] > 0
+    # The normaliser is a running sum of elu(K) + 1 > 0, so it grows with the tokens.
+    norms = [row["norm"] for _, row in sorted(result["checkpoints"].items())]
+    assert norms == sorted(norms) and norms[-1] > norms[0]
