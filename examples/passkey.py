@@ -8,13 +8,24 @@ inside repeated filler text, and after the filler the model is asked for it:
     back again . The grass is ... The pass key is 7 1 4 3 2 . Remember it . 7 1 4 3 2 is
     the pass key . ... (more filler) ... What is the pass key ? The pass key is 7 1 4 3 2
 
-Tokens are words, punctuation and single digits (a 35-token vocabulary). The model is a
-causal next-token model (Embedding -> InfiniTransformer blocks -> Dense); the loss is put
-only on the five answer digits (sample weights). It is trained with `model.fit` on
-sequences of `--train-segments` segments and evaluated at several multiples of that length
-(`--eval-lengths`) and key depths (`--depths`). Only the memory can carry the key to the
-question once they are in different segments, so lengths beyond the training length test
-whether the compressive memory generalises to more segments than it was trained on.
+Tokens are words, punctuation and single digits (a 34-token vocabulary). The model is a
+causal next-token model (Embedding -> InfiniTransformer blocks with RoPE -> Dense), trained
+with `model.fit` on sequences of `--train-segments` segments and evaluated at several
+multiples of that length (`--eval-lengths`) and key depths (`--depths`). Once the key and
+the question are in different segments only the compressive memory can carry the key, so
+lengths beyond the training length test whether the memory generalises to more segments
+than it was trained on.
+
+Training recipe (defaults; each can be switched off):
+
+- loss on the five answer digits (sample weights), plus `--aux-weight 0.5` on the key's
+  repetition inside the key statement ("Remember it . 7 1 4 3 2"), a local copy that
+  teaches the digit-position features the retrieval needs;
+- depths uniform in [0, 1], except `--late-fraction 0.25` of the samples with the key
+  wholly in the last segment, right before the question: the only case that local
+  attention alone must solve, which uniform depths rarely train;
+- `--update delta` (generalised to longer inputs better than `linear` in our runs), 3
+  blocks of width 64 with 2 heads (32-dim keys), AdamW with warm-up and cosine decay.
 
 Reported accuracies are teacher-forced: digit accuracy is the fraction of answer digits
 that are the argmax given the correct earlier digits; key accuracy is the fraction of
@@ -158,7 +169,8 @@ def make_batch(rng, batch, length, depths=None, aux_weight=0.0, late_fraction=0.
         depth_values = rng.uniform(0.0, 1.0, size=batch)
         if late_fraction:
             n_fill = length + 1 - OVERHEAD
-            low = max(0.0, 1.0 - late_tokens / n_fill)
+            # 3 tokens of margin: snapping to a sentence start moves the key by <= 2.
+            low = max(0.0, 1.0 - max(late_tokens - 3, 0) / n_fill)
             late = rng.uniform(size=batch) < late_fraction
             depth_values[late] = rng.uniform(low, 1.0, size=int(late.sum()))
     else:
@@ -315,24 +327,24 @@ def _float_list(text):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=1500, help="training steps")
-    p.add_argument("--batch", type=int, default=32, help="training batch size")
+    p.add_argument("--steps", type=int, default=4000, help="training steps")
+    p.add_argument("--batch", type=int, default=16, help="training batch size")
     p.add_argument("--train-segments", type=int, default=4, help="training length in segments")
     p.add_argument("--segment-len", type=int, default=64)
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--update", choices=("linear", "delta"), default="linear")
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--update", choices=("linear", "delta"), default="delta")
     p.add_argument("--init-state-learnable", action="store_true")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=4e-3, help="peak learning rate")
     p.add_argument("--curriculum", type=_int_list, default=None,
                    help="comma-separated training lengths in segments cycled per step "
                         "(default: only --train-segments)")
-    p.add_argument("--aux-weight", type=float, default=0.0,
+    p.add_argument("--aux-weight", type=float, default=0.5,
                    help="loss weight on the key's repetition inside the key statement")
-    p.add_argument("--late-fraction", type=float, default=0.0,
-                   help="fraction of training samples with the key in the last segment_len "
-                        "filler tokens")
+    p.add_argument("--late-fraction", type=float, default=0.25,
+                   help="fraction of training samples with the key in the last segment, "
+                        "right before the question (local attention only)")
     p.add_argument("--eval-lengths", type=_int_list, default=[1, 4, 16],
                    help="comma-separated multiples of the training length")
     p.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
@@ -353,6 +365,7 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    t0 = time.perf_counter()
     args = parse_args(argv)
     out = args.out or tempfile.mkdtemp(prefix="passkey_")
     os.makedirs(out, exist_ok=True)
@@ -381,8 +394,10 @@ def main(argv=None):
     )
     epochs = 10 if args.steps >= 10 else 1
     per_epoch = args.steps // epochs
+    # "Late" keys lie wholly in the last segment, before the question: local attention only.
+    late_tokens = args.segment_len - OVERHEAD if args.segment_len > OVERHEAD else args.segment_len
     data = PasskeyData(per_epoch * epochs, args.batch, lengths, args.seed, args.aux_weight,
-                       args.late_fraction, args.segment_len)
+                       args.late_fraction, late_tokens)
     start = time.perf_counter()
     history = model.fit(data, epochs=epochs, steps_per_epoch=per_epoch, verbose=args.verbose)
     train_s = time.perf_counter() - start
@@ -398,7 +413,7 @@ def main(argv=None):
     print(table)
     print(f"evaluated {args.eval_samples} samples per cell in {eval_s:.1f} s")
 
-    title = (f"passkey, {keras.backend.backend()}: {args.layers}x{args.dim}, "
+    title = (f"passkey, {keras.backend.backend()}: {args.layers}x{args.dim} {args.update}, "
              f"segment {args.segment_len}, trained on {train_len} tokens ({args.steps} steps)")
     png = os.path.join(out, "passkey_heatmap.png")
     save_heatmap(results, args.eval_lengths, args.depths, train_len, png, title)
@@ -419,6 +434,8 @@ def main(argv=None):
             indent=1,
         )
     print(f"heat map: {png}")
+    print(f"total time {time.perf_counter() - t0:.1f} s (training {train_s:.1f} s, "
+          f"evaluation {eval_s:.1f} s)")
     return {"results": results, "table": table, "png": png, "out": out,
             "train_seconds": train_s, "eval_seconds": eval_s}
 

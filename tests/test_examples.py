@@ -1,0 +1,117 @@
+"""Smoke tests of examples/modinfiniformer.py and examples/classify.py with tiny settings."""
+
+import importlib.util
+import math
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_infini.streaming import generate
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(
+        f"example_{name}", os.path.join(EXAMPLES, f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_example("modinfiniformer")
+
+
+@pytest.fixture(scope="module")
+def classify():
+    return load_example("classify")
+
+
+@pytest.fixture
+def text_dir(tmp_path):
+    root = tmp_path / "texts"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "import", "class", "(x)", ":", "None", "=", "1"]
+    for i in range(6):
+        lines = [" ".join(rng.choice(words, size=8)) for _ in range(40)]
+        (root / f"file{i}.py").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / "empty.txt").write_bytes(b"")
+    (root / "blob.bin").write_bytes(b"\x00\x01\x02" * 10)
+    return root
+
+
+TINY = ["--steps", "2", "--epochs", "1", "--seq-len", "64", "--segment-len", "16",
+        "--dim", "16", "--heads", "2", "--layers", "2", "--batch-size", "2",
+        "--val-batches", "1", "--eval-batches", "1", "--generate", "4", "--verbose", "0"]
+
+
+def test_modinfiniformer_main(lm, text_dir, tmp_path):
+    # One end-to-end run (fit, save, reload, evaluate, generate) with the non-default
+    # options, so that they are covered too: --no-memory and --yarn.
+    args = TINY + ["--data", str(text_dir), "--out", str(tmp_path / "out"), "--no-memory",
+                   "--yarn"]
+    with pytest.warns(UserWarning, match="Skipping"):
+        result = lm.main(args)
+    assert math.isfinite(result["bits_per_byte"]) and result["bits_per_byte"] > 0
+    assert math.isclose(result["bits_per_byte"], result["val_loss"] / math.log(2))
+    assert result["text"].startswith("def ")
+    assert set(result["history"]) >= {"loss", "val_loss", "val_accuracy"}
+    model = keras.models.load_model(result["model_path"], compile=False)
+    blocks = lm.blocks_of(model)
+    assert [type(b).__name__ for b in blocks] == ["InfiniTransformer", "MoDInfiniTransformer"]
+    for block in blocks:  # pinned, and not moved by training
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(block.attention.gate),
+                                   lm.NO_MEMORY_GATE)
+        assert type(block.attention.positional_embedder).__name__ == "YaRNEmbeddings"
+
+
+def test_fixed_shape_generation_matches_library_generate(lm):
+    args = lm.parse_args(["--dim", "16", "--heads", "2", "--layers", "2",
+                          "--segment-len", "3"])
+    model = lm.build_model(args)
+    for block in lm.blocks_of(model):
+        block.attention.gate.assign(np.array([1.5, -1.0], "float32"))
+    # Prompt of 2 segments + 1 token; 5 new tokens cross a segment boundary.
+    prompt = np.random.default_rng(0).integers(0, 256, size=(2, 7)).astype("int32")
+    for kwargs in ({"temperature": 0}, {"temperature": 1.0, "top_k": 20, "seed": 3}):
+        expected = generate(model, prompt, 5, **kwargs)
+        actual = lm.generate_fixed_shape(model, prompt, 5, **kwargs)
+        np.testing.assert_array_equal(actual, expected)
+
+
+def test_classify_main(classify):
+    args = ["--packages", "asyncio,email,json", "--min-files", "3",
+            "--max-files-per-class", "5", "--max-bytes", "64", "--segment-len", "16",
+            "--steps", "2", "--epochs", "1", "--dim", "16", "--heads", "2", "--layers", "1",
+            "--batch-size", "4", "--verbose", "0"]
+    result = classify.main(args)
+    assert result["classes"] == ["asyncio", "email", "json"]
+    assert result["val_files"] == 3 and result["train_files"] == 12
+    for key in ("val_accuracy", "majority_accuracy", "first_segment_accuracy"):
+        assert 0.0 <= result[key] <= 1.0
+
+
+def test_classify_split_and_masking(classify):
+    args = classify.parse_args(["--packages", "asyncio,email,json", "--min-files", "3",
+                                "--max-files-per-class", "5", "--max-bytes", "64"])
+    classes, train, val = classify.load_files(args)
+    assert not {p for p, _, _ in train} & {p for p, _, _ in val}
+    assert {p for p, _, _ in val} == {p for p, _, _ in classify.load_files(args)[2]}
+    assert all(p.split("/")[0] == classes[label] for p, _, label in train + val)
+    x, y = classify.head_arrays(val, 64)
+    assert x.shape == (len(val), 64) and x.dtype == np.int32
+    short = classify.encode_window(b"abc", 0, 8)
+    assert short.tolist() == [257, 97, 98, 99, 256, 256, 256, 256]
+    # Padding is masked: extra PAD tokens do not change the prediction.
+    args = classify.parse_args(["--dim", "16", "--heads", "2", "--layers", "1",
+                                "--segment-len", "8", "--dropout", "0"])
+    model = classify.build_model(args, 3)
+    a = keras.ops.convert_to_numpy(model(short[None, :6]))
+    b = keras.ops.convert_to_numpy(model(np.concatenate([short, [256] * 12])[None]))
+    np.testing.assert_allclose(a, b, atol=1e-5)
