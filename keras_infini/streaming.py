@@ -21,6 +21,7 @@ Example:
 True
 """
 
+import contextlib
 import math
 
 import keras
@@ -114,7 +115,11 @@ class Streamer:
         return x, new_states
 
     def __call__(self, chunk, training=False):
-        outputs, self.states = self.run(chunk, self.states, training=training)
+        if training:
+            outputs, self.states = self.run(chunk, self.states, training=True)
+        else:
+            with _no_grad():
+                outputs, self.states = self.run(chunk, self.states)
         return outputs
 
 
@@ -131,13 +136,62 @@ def stream(model_or_layers, chunks, training=False):
         yield streamer(chunk, training=training)
 
 
-def generate(model, prompt, steps, temperature=1.0, top_k=None, seed=None):
+def _no_grad():
+    """Torch fast path: no autograd graph during inference (`contextlib.nullcontext` else).
+
+    Without it every streamed chunk under `KERAS_BACKEND=torch` would record the autograd
+    graph of the whole step and keep its activations alive until the outputs are dropped.
+    """
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
+
+
+def compile_step(streamer):
+    """`step(chunk, states) -> (outputs, new_states)`: `streamer.run`, compiled once per shape.
+
+    Backend fast paths (inference only, weights read as they are when traced on JAX):
+    `jax.jit` on JAX, `tf.function` on TensorFlow, eager under `torch.no_grad()` on torch;
+    any other backend runs `streamer.run` eagerly. `states=None` (the first step) is a
+    second trace.
+    """
+    def step(chunk, states):
+        return streamer.run(chunk, states, training=False)
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.jit(step)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(step, reduce_retracing=True)
+
+    def eager_step(chunk, states):
+        with _no_grad():
+            return step(chunk, states)
+
+    return eager_step
+
+
+def generate(model, prompt, steps, temperature=1.0, top_k=None, seed=None, pad_id=0,
+             compiled=True):
     """Samples `steps` tokens after `prompt` from a causal token model (tokens -> logits).
 
     Uses the model's compressive memory the way Infini-attention intends: finished segments
     live only in each layer's `(memory, norm)` state, and each new token re-runs just the
     current, unfinished segment (at most `segment_len` tokens) from the state at its start.
     The cost per token is therefore bounded by the segment length, not the prefix length.
+
+    The current segment is padded with `pad_id` to `segment_len`, so every step has the
+    same shape and is traced once (`compile_step`); the model must be causal (causal
+    attention; MoD blocks route causally at inference), so padding after the last real
+    token cannot change its logits, and the state of a padded run is never kept (a
+    segment's state is committed only once the segment is full). Without padding each new
+    length would recompile every op on JAX (seconds per token on 2 CPU cores).
 
     Args:
         model: a chain-shaped model mapping `(batch, seq)` int tokens to
@@ -147,6 +201,10 @@ def generate(model, prompt, steps, temperature=1.0, top_k=None, seed=None):
         temperature: softmax temperature; `0` picks the most likely token.
         top_k: optional: sample only among the `top_k` most likely tokens.
         seed: optional int seed of the NumPy sampler.
+        pad_id: token id that fills the unfinished segment (any id works for a causal
+            model; use the padding id of your vocabulary).
+        compiled: `False` runs the layers eagerly on the unpadded segment instead
+            (slower, for debugging).
 
     Returns:
         int32 NumPy array `(batch, prompt_len + steps)`.
@@ -160,22 +218,42 @@ def generate(model, prompt, steps, temperature=1.0, top_k=None, seed=None):
         )
     if temperature < 0:
         raise ValueError(f"Invalid temperature={temperature!r}: expected a number >= 0.")
+    if top_k is not None and (int(top_k) != top_k or top_k < 1):
+        raise ValueError(f"Invalid top_k={top_k!r}: expected None or an integer >= 1.")
+    if int(steps) != steps or steps < 0:
+        raise ValueError(f"Invalid steps={steps!r}: expected an integer >= 0.")
     rng = np.random.default_rng(seed)
     streamer = Streamer(model)
     seg = streamer.segment_len
+    batch = prompt.shape[0]
+    if compiled:
+        step = compile_step(streamer)
+    else:
+        def step(chunk, states):
+            with _no_grad():
+                return streamer.run(chunk, states)
+
     # Commit every whole segment of the prompt but keep >= 1 token pending for the logits.
     committed = ((prompt.shape[1] - 1) // seg) * seg
     states = None
-    if committed:
-        _, states = streamer.run(prompt[:, :committed])
+    for start in range(0, committed, seg):
+        _, states = step(prompt[:, start:start + seg], states)
     pending = prompt[:, committed:]
     generated = [prompt]
-    for _ in range(steps):
-        logits, new_states = streamer.run(pending, states)
-        last = np.asarray(keras.ops.convert_to_numpy(logits[:, -1]), dtype="float64")
+    for _ in range(int(steps)):
+        length = pending.shape[1]
+        if compiled:
+            chunk = np.full((batch, seg), pad_id, dtype="int32")
+            chunk[:, :length] = pending
+        else:
+            chunk = pending
+        logits, new_states = step(chunk, states)
+        last = np.asarray(
+            keras.ops.convert_to_numpy(logits[:, length - 1]), dtype="float64"
+        )
         token = _sample(last, temperature, top_k, rng)
         generated.append(token[:, None])
-        if pending.shape[1] == seg:  # the segment is finished: keep only its state
+        if length == seg:  # the segment is finished (unpadded): keep only its state
             states, pending = new_states, token[:, None]
         else:
             pending = np.concatenate([pending, token[:, None]], axis=1)

@@ -71,7 +71,7 @@ def test_modinfiniformer_main(lm, text_dir, tmp_path):
         assert type(block.attention.positional_embedder).__name__ == "YaRNEmbeddings"
 
 
-def test_fixed_shape_generation_matches_library_generate(lm):
+def test_compiled_generation_matches_eager_generation(lm):
     args = lm.parse_args(["--dim", "16", "--heads", "2", "--layers", "2",
                           "--segment-len", "3"])
     model = lm.build_model(args)
@@ -80,8 +80,8 @@ def test_fixed_shape_generation_matches_library_generate(lm):
     # Prompt of 2 segments + 1 token; 5 new tokens cross a segment boundary.
     prompt = np.random.default_rng(0).integers(0, 256, size=(2, 7)).astype("int32")
     for kwargs in ({"temperature": 0}, {"temperature": 1.0, "top_k": 20, "seed": 3}):
-        expected = generate(model, prompt, 5, **kwargs)
-        actual = lm.generate_fixed_shape(model, prompt, 5, **kwargs)
+        expected = generate(model, prompt, 5, compiled=False, **kwargs)
+        actual = generate(model, prompt, 5, pad_id=256, **kwargs)
         np.testing.assert_array_equal(actual, expected)
 
 

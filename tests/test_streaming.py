@@ -83,3 +83,28 @@ def test_generate_matches_full_recomputation():
     np.testing.assert_array_equal(out, seq)
     sampled = generate(model, prompt, steps=3, temperature=1.0, top_k=3, seed=0)
     assert sampled.shape == (2, 8) and sampled.min() >= 0 and sampled.max() < 20
+
+
+def test_generate_eager_and_compiled_agree_and_validate():
+    from keras_infini.streaming import generate
+
+    model = token_model(True)
+    prompt = np.random.default_rng(4).integers(1, 20, size=(2, 9))
+    compiled = generate(model, prompt, steps=10, temperature=0, pad_id=0)
+    eager = generate(model, prompt, steps=10, temperature=0, compiled=False)
+    np.testing.assert_array_equal(compiled, eager)
+    for kwargs, name in (({"top_k": 0}, "top_k"), ({"steps": -1}, "steps"),
+                         ({"temperature": -1.0}, "temperature")):
+        call = dict(steps=2, **kwargs) if "steps" not in kwargs else kwargs
+        with pytest.raises(ValueError, match=name):
+            generate(model, prompt, **call)
+
+
+def test_streamer_inference_records_no_autograd_graph():
+    model = token_model(False)
+    out = Streamer(model)(np.zeros((1, 8), "int32"))
+    if keras.backend.backend() == "torch":
+        assert not out.requires_grad
+    trained = Streamer(model)(np.zeros((1, 8), "int32"), training=True)
+    if keras.backend.backend() == "torch":
+        assert trained.requires_grad

@@ -66,10 +66,10 @@ def grouped_local_attention(query, key, value, key_valid, causal, group_segments
         query, key, value: `(batch, n, heads, S, dim)`.
         key_valid: float 0/1 `(batch, n, S)`.
         causal: causal mask inside each segment.
-        group_segments: segments per group (a Python int).
+        group_segments: segments per group (a Python int), or `None`: no grouping.
     """
     n = query.shape[1]
-    if n is None or n <= group_segments:
+    if n is None or group_segments is None or n <= group_segments:
         return local_attention(query, key, value, attention_mask(key_valid, causal))
     groups = -(-n // group_segments)
     pad = groups * group_segments - n

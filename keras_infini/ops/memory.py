@@ -26,14 +26,57 @@ def sigma(x):
     return ops.elu(ops.cast(x, "float32")) + 1.0
 
 
+# Static segment counts up to this use the blocked matmul cumsum; longer or dynamic ones
+# use `ops.cumsum` (`_blocked_exclusive_cumsum` recurses on the block totals, so any static
+# count works; the cap only bounds the number of traced levels).
+_BLOCK = 16
+
+
 def exclusive_cumsum(x):
-    """Cumulative sum over axis 1 that excludes the current entry, built by shifting.
+    """Cumulative sum over axis 1 that excludes the current entry.
 
     Not `cumsum(x) - x`: TF's graph optimiser folded `(cumsum(x) - x) + eps` so the epsilon
-    vanished; a shifted cumsum has no cancellation.
+    vanished; a shifted or strictly triangular sum has no cancellation.
+
+    With a static axis-1 length the sum is blocked: a strictly lower-triangular
+    `(16, 16)` matmul inside blocks of 16 entries plus an exclusive cumsum of the block
+    totals (recursively). That is ~2*16 flops per element, and on TensorFlow/XLA it
+    measured ~10% faster for a whole CompressiveMemory train step at 64K tokens than
+    `tf.cumsum`, which XLA lowers to a `reduce_window` (see benchmarks/bench_attention.py).
+    Dynamic lengths use `ops.cumsum` of the shifted input.
     """
-    shifted = ops.concatenate([ops.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
-    return ops.cumsum(shifted, axis=1)
+    n = x.shape[1]
+    if n is None:
+        shifted = ops.concatenate([ops.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+        return ops.cumsum(shifted, axis=1)
+    return _blocked_exclusive_cumsum(x)
+
+
+def _strict_lower(size, dtype):
+    rows = ops.arange(size)[:, None]
+    cols = ops.arange(size)[None, :]
+    return ops.cast(cols < rows, dtype)
+
+
+def _blocked_exclusive_cumsum(x):
+    n = x.shape[1]
+    batch = ops.shape(x)[0]
+    rest = list(x.shape[2:])
+    flat = ops.reshape(x, (batch, n, -1))
+    if n <= _BLOCK:
+        out = ops.einsum("mn,bnx->bmx", _strict_lower(n, x.dtype), flat)
+        return ops.reshape(out, [batch, n] + rest)
+    blocks = -(-n // _BLOCK)
+    pad = blocks * _BLOCK - n
+    if pad:
+        flat = ops.concatenate([flat, ops.zeros_like(flat[:, :pad])], axis=1)
+    width = flat.shape[-1]
+    width = ops.shape(flat)[-1] if width is None else width
+    grouped = ops.reshape(flat, (batch, blocks, _BLOCK, width))
+    inside = ops.einsum("mn,bcnx->bcmx", _strict_lower(_BLOCK, x.dtype), grouped)
+    before_block = _blocked_exclusive_cumsum(ops.sum(grouped, axis=2))  # (b, blocks, x)
+    out = ops.reshape(inside + before_block[:, :, None], (batch, blocks * _BLOCK, width))
+    return ops.reshape(out[:, :n], [batch, n] + rest)
 
 
 def segment_norm_updates(sigma_k):
