@@ -379,6 +379,35 @@ def test_grouped_attention_matches_reference(update):
     np.testing.assert_allclose(to_numpy(memory), want_m, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("update", ["linear", "delta"])
+def test_grouped_layer_equals_one_batch_with_positions_and_gradients(update):
+    """Grouped (whole layer per group on JAX/torch) vs no grouping: values and gradients."""
+    x = keras.ops.convert_to_tensor(inputs(29))
+    rng = np.random.default_rng(11)
+    mask = rng.uniform(size=(B, 29)) > 0.25
+    positions = rng.integers(0, 3 * S, size=(B, 29))
+    results, weights = [], None
+    for group in (None, 2 * S):
+        layer = make_layer(update, True, "rope", learnable=True)
+        layer.attention_group_tokens = group
+        if weights is None:
+            layer.initial_norm.assign(np.full((H, DK), 0.5, "float32"))
+            weights = layer.get_weights()
+        layer.set_weights(weights)
+
+        def loss():
+            out, memory, norm = layer(x, mask=mask, positions=positions, return_state=True)
+            return (keras.ops.sum(out ** 2) + keras.ops.sum(memory) * 1e-2
+                    + keras.ops.sum(norm) * 1e-2)
+
+        out = to_numpy(layer(x, mask=mask, positions=positions))
+        results.append((out, gradients(loss, layer.trainable_weights)))
+    (out_a, grads_a), (out_b, grads_b) = results
+    np.testing.assert_allclose(out_b, out_a, atol=1e-5, rtol=1e-4)
+    for ga, gb in zip(grads_a, grads_b):
+        np.testing.assert_allclose(gb, ga, atol=1e-4, rtol=1e-3)
+
+
 def test_grouped_attention_fit_jit_compile():
     seq = 40
     inp = keras.Input((seq, D))

@@ -309,3 +309,10 @@ def test_property_finite_causal_and_masked(case):
             if not mask[b, t]:  # a masked token is neither attended to nor memorised
                 others = np.arange(length) != t
                 np.testing.assert_allclose(y2[b, others], y[b, others], rtol=1e-5, atol=scale)
+
+
+def test_mod_router_loss_of_an_empty_batch_is_zero():
+    layer = built("mod")
+    layer(np.zeros((0, 2 * S + 1, D), "float32"), training=True)
+    assert len(layer.losses) == 1
+    assert float(to_numpy(layer.losses[0])) == 0.0

@@ -8,6 +8,7 @@ from keras import ops
 from keras_infini.layers._outputs import StatefulOutputsMixin
 from keras_infini.layers.rotary import RoPEEmbeddings
 from keras_infini.ops import attention as attention_ops
+from keras_infini.ops import loops
 from keras_infini.ops import memory as memory_ops
 from keras_infini.ops import segments as segment_ops
 
@@ -140,15 +141,22 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
     (2, 100, 32)
     """
 
-    # Local attention runs over groups of this many tokens (whole segments) at a time, so
-    # the working set of the (S, S) score tensors does not grow with the input length.
-    # `None`: all segments in one batch. "auto" picks per backend from measurements
-    # (benchmarks/bench_attention.py, 2-core CPU, 16K and 64K tokens): groups of 4096
-    # tokens on JAX (train step 12% faster at 64K) and torch (per-op kernels, whose
-    # batched version slowed down per token at long lengths); no grouping on TensorFlow,
-    # where the `tf.map_fn` loop cost more than it saved (train step 4% slower at 64K and
-    # 16% at 16K with groups of 4096).
+    # Long inputs run in groups of this many tokens (whole segments), so the working set
+    # does not grow with the input length. `None`: all segments in one batch. "auto"
+    # picks per backend from measurements (benchmarks/bench_attention.py, 2-core CPU):
+    # - torch and JAX: groups of 4096 tokens, and the *whole layer* (projections,
+    #   attention, memory) runs group after group with the state carried
+    #   (`loops.scan`, exact like chunked streaming). One batched call slowed down per
+    #   token from 4K to 64K tokens (train step 2.1x on torch, 1.5x on JAX); grouped,
+    #   the 64K train step takes 4.5 s instead of 12.2 s (torch) and 5.3 s instead of
+    #   6.6 s (JAX).
+    # - TensorFlow: no grouping. `ops.scan` cannot be differentiated under XLA, and
+    #   grouping the local attention alone with `tf.map_fn` cost more than it saved (train
+    #   step 4% slower at 64K, 16% at 16K).
     attention_group_tokens = "auto"
+    # Backends on which whole groups of segments run one after the other (see above);
+    # elsewhere only the local attention is mapped over groups.
+    _group_whole_layer_backends = ("torch", "jax")
 
     def __init__(
         self,
@@ -288,37 +296,97 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
         valid = segment_ops.fold(segment_ops.valid_tokens(inputs, mask, seg), seg)
         x = segment_ops.pad_to_segments(ops.cast(inputs, self.compute_dtype), seg, axis=1)
         x = segment_ops.fold(x, seg)  # (b, n, S, D)
+        pos = None
+        if self.positional_embedder is not None and positions is not None:
+            pos = segment_ops.pad_to_segments(ops.cast(positions, "int32"), seg)
+            pos = segment_ops.fold(pos, seg)  # (b, n, S)
 
-        query = self.query_dense(x)  # (b, n, h, S, dk)
-        key = self.key_dense(x)
-        value = self.value_dense(x)  # (b, n, h, S, dv)
-
-        # 1. Local attention, all segments at once.
-        if self.positional_embedder is not None:
-            if positions is None:
-                pos = None  # the embedder's default: 0..S-1 along the segment axis (-2)
-            else:
-                pos = segment_ops.pad_to_segments(ops.cast(positions, "int32"), seg)
-                pos = segment_ops.fold(pos, seg)[:, :, None, :]  # (b, n, 1, S)
-            query_rot = self.positional_embedder(query, positions=pos)
-            key_rot = self.positional_embedder(key, positions=pos)
-        else:
-            query_rot, key_rot = query, key
-        group_tokens = self.attention_group_tokens
-        if group_tokens == "auto":
-            group_tokens = None if keras.backend.backend() == "tensorflow" else 4096
-        group = None if group_tokens is None else max(1, group_tokens // seg)
-        attended = attention_ops.grouped_local_attention(
-            query_rot, key_rot, value, valid, self.causal, group
-        )
-
-        # 2-3. Memory states before each segment (float32) and retrieval.
         if initial_state is None:
             memory0, norm0 = self.get_initial_state(batch)
         else:
             memory0, norm0 = initial_state
             memory0 = ops.cast(memory0, "float32")
             norm0 = ops.cast(norm0, "float32")
+
+        group_tokens = self.attention_group_tokens
+        if group_tokens == "auto":
+            group_tokens = None if keras.backend.backend() == "tensorflow" else 4096
+        group = None if group_tokens is None else max(1, group_tokens // seg)
+        n = x.shape[1]
+        if (
+            keras.backend.backend() in self._group_whole_layer_backends
+            and group is not None
+            and n is not None
+            and n > group
+        ):
+            mixed, memory_final, norm_final = self._grouped_segments(
+                x, valid, pos, memory0, norm0, group
+            )
+        else:
+            mixed, memory_final, norm_final = self._segments(
+                x, valid, pos, memory0, norm0, group
+            )
+        outputs = segment_ops.unfold(self.output_dense(mixed))
+        outputs = segment_ops.trim(outputs, length)
+        return self.pack_outputs(outputs, [], memory_final, norm_final, return_state)
+
+    def _grouped_segments(self, x, valid, pos, memory0, norm0, group):
+        """`_segments` on groups of `group` segments, one after the other, state carried.
+
+        Equal to one `_segments` call (chunked streaming is exact), but each group's
+        tensors stay small, so elementwise passes and their backward stay in cache (see
+        `attention_group_tokens`). The loop is `loops.scan`: `lax.scan` on JAX (compiled
+        once, whatever the number of groups), an `unbind` loop on torch (O(n) backward).
+        Padding segments are invalid: they write nothing to the memory and their outputs
+        are dropped.
+        """
+        n = x.shape[1]
+        groups = -(-n // group)
+        pad = groups * group - n
+
+        def to_groups(t):
+            if pad:
+                t = ops.concatenate([t, ops.zeros_like(t[:, :pad])], axis=1)  # pad < n
+            shape = [ops.shape(t)[0], groups, group] + list(t.shape[2:])
+            return ops.moveaxis(ops.reshape(t, shape), 1, 0)
+
+        xs = [to_groups(x), to_groups(valid)]
+        if pos is not None:
+            xs.append(to_groups(pos))
+
+        def step(carry, parts):
+            memory, norm = carry
+            p = parts[2] if pos is not None else None
+            mixed, memory, norm = self._segments(parts[0], parts[1], p, memory, norm, None)
+            return (memory, norm), mixed
+
+        (memory_final, norm_final), mixed = loops.scan(step, (memory0, norm0), xs)
+        mixed = ops.moveaxis(mixed, 0, 1)  # (b, groups, G, h, S, dv)
+        mixed = ops.reshape(
+            mixed, [ops.shape(mixed)[0], groups * group] + list(mixed.shape[3:])
+        )
+        return (mixed[:, :n] if pad else mixed), memory_final, norm_final
+
+    def _segments(self, x, valid, pos, memory0, norm0, group):
+        """Attention + memory for folded segments `x` `(b, n, S, D)`: the gated heads
+        `(b, n, h, S, dv)` before the output projection, and the final `(memory, norm)`."""
+        query = self.query_dense(x)  # (b, n, h, S, dk)
+        key = self.key_dense(x)
+        value = self.value_dense(x)  # (b, n, h, S, dv)
+
+        # 1. Local attention, all segments at once.
+        if self.positional_embedder is not None:
+            # None: the embedder's default, 0..S-1 along the segment axis (-2).
+            p = None if pos is None else pos[:, :, None, :]  # (b, n, 1, S)
+            query_rot = self.positional_embedder(query, positions=p)
+            key_rot = self.positional_embedder(key, positions=p)
+        else:
+            query_rot, key_rot = query, key
+        attended = attention_ops.grouped_local_attention(
+            query_rot, key_rot, value, valid, self.causal, group
+        )
+
+        # 2-3. Memory states before each segment (float32) and retrieval.
         sigma_k = memory_ops.sigma(key) * valid[:, :, None, :, None]
         value32 = ops.cast(value, "float32")
         norm_before, norm_final = memory_ops.norm_states(sigma_k, norm0)
@@ -333,13 +401,10 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
         retrieved = memory_ops.retrieve(memory_ops.sigma(query), memory_before, norm_before)
         retrieved = ops.cast(retrieved, self.compute_dtype)
 
-        # 4. Gate per head, concatenate heads, project.
+        # 4. Gate per head (the caller concatenates heads and projects).
         gate = ops.sigmoid(ops.cast(self.gate, self.compute_dtype))[:, None, None]  # (h, 1, 1)
         mixed = gate * retrieved + (1.0 - gate) * attended
-        outputs = segment_ops.unfold(self.output_dense(mixed))
-        outputs = segment_ops.trim(outputs, length)
-        return self.pack_outputs(outputs, [], memory_final, norm_final, return_state)
-
+        return mixed, memory_final, norm_final
 
     # ------------------------------------------------------------------ config
     def get_config(self):

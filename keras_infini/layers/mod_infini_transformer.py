@@ -201,11 +201,9 @@ class MoDInfiniTransformer(InfiniTransformer):
         target = ops.stop_gradient(ops.cast(selection, "float32"))
         # Stable BCE from logits: max(r, 0) - r * y + log(1 + exp(-|r|)).
         bce = ops.relu(logits) - logits * target + ops.log1p(ops.exp(-ops.abs(logits)))
-        if mask is None:
-            loss = ops.mean(bce)
-        else:
-            weight = ops.cast(mask, "float32")
-            loss = ops.sum(bce * weight) / ops.maximum(ops.sum(weight), 1.0)
+        # Mean over real tokens; an empty batch (or all tokens masked) gives 0, not 0/0.
+        weight = ops.ones_like(bce) if mask is None else ops.cast(mask, "float32")
+        loss = ops.sum(bce * weight) / ops.maximum(ops.sum(weight), 1.0)
         return self.router_loss_weight * loss
 
     def extra_output_specs(self, input_shape):

@@ -6,6 +6,8 @@ segment is attended to in one batched einsum: no loop over segments.
 
 from keras import ops
 
+from keras_infini.ops import loops
+
 # Finite "minus infinity" for masked logits. The scores are float32 when it is applied, and
 # it must lie below every real score: with -3e4, inputs of magnitude ~1e3 gave real scores
 # below it and the softmax moved onto masked (e.g. future) keys.
@@ -41,16 +43,17 @@ def local_attention(query, key, value, mask):
         attend to gets 0 (not NaN) in the output and in the gradients.
     """
     dim_key = query.shape[-1]
-    scale = 1.0 / float(dim_key) ** 0.5
+    # The scale goes on the queries (S x dk) rather than the scores (S x S): one fewer
+    # elementwise pass over the largest tensor, which dominates on eager torch.
+    query = ops.multiply(query, ops.cast(1.0 / float(dim_key) ** 0.5, query.dtype))
     scores = ops.einsum("bnhqd,bnhkd->bnhqk", query, key)
     # Softmax in float32: stable under mixed precision and exact for masked logits.
-    scores = ops.cast(scores, "float32") * scale
-    scores = ops.where(mask, scores, _MASKED_LOGIT)
-    probs = ops.softmax(scores, axis=-1)
-    # Rows whose keys are all masked received a uniform softmax over _MASKED_LOGIT; zero them.
-    has_key = ops.cast(ops.any(mask, axis=-1, keepdims=True), "float32")
-    probs = ops.cast(probs * has_key, value.dtype)
-    return ops.matmul(probs, value)
+    scores = ops.where(mask, ops.cast(scores, "float32"), _MASKED_LOGIT)
+    probs = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
+    # Rows whose keys are all masked received a uniform softmax over _MASKED_LOGIT; zero
+    # their output (S x dv, cheaper than zeroing the S x S probabilities; same gradients).
+    has_key = ops.cast(ops.any(mask, axis=-1, keepdims=True), value.dtype)
+    return ops.multiply(ops.matmul(probs, value), has_key)
 
 
 def grouped_local_attention(query, key, value, key_valid, causal, group_segments):
@@ -60,7 +63,7 @@ def grouped_local_attention(query, key, value, key_valid, causal, group_segments
     of all segments live at once (hundreds of MB at 64K tokens), so long inputs become
     memory-bound. Mapping over fixed-size groups with `ops.map` keeps the working set
     constant: `tf.map_fn` (TensorFlow, differentiable under XLA: it bounds its loop),
-    `lax.map` (JAX) or a loop (torch). Inputs of at most one group take the direct path.
+    `lax.map` (JAX) or a loop over `unstack`ed groups (torch, `loops.map`). Inputs of at most one group take the direct path.
 
     Args:
         query, key, value: `(batch, n, heads, S, dim)`.
@@ -85,7 +88,7 @@ def grouped_local_attention(query, key, value, key_valid, causal, group_segments
         q, k, v, valid = parts
         return local_attention(q, k, v, attention_mask(valid, causal))
 
-    out = ops.map(attend, tuple(to_groups(t) for t in (query, key, value, key_valid)))
+    out = loops.map(attend, tuple(to_groups(t) for t in (query, key, value, key_valid)))
     out = ops.moveaxis(out, 0, 1)  # (batch, groups, G, heads, S, dv)
     out = ops.reshape(out, [ops.shape(out)[0], groups * group_segments] + list(out.shape[3:]))
     return out[:, :n] if pad else out

@@ -18,6 +18,8 @@ import math
 from keras import backend
 from keras import ops
 
+from keras_infini.ops import loops
+
 EPSILON = 1e-6
 
 
@@ -62,7 +64,9 @@ def _blocked_exclusive_cumsum(x):
     n = x.shape[1]
     batch = ops.shape(x)[0]
     rest = list(x.shape[2:])
-    flat = ops.reshape(x, (batch, n, -1))
+    # A static width, not -1: reshaping a zero-size tensor (batch 0) with -1 fails.
+    width = math.prod(rest) if all(d is not None for d in rest) else -1
+    flat = ops.reshape(x, (batch, n, width))
     if n <= _BLOCK:
         out = ops.einsum("mn,bnx->bmx", _strict_lower(n, x.dtype), flat)
         return ops.reshape(out, [batch, n] + rest)
@@ -140,7 +144,7 @@ def delta_memory_states_scan(sigma_k, value, norm_before, memory0):
         new_memory = _delta_step(memory, sk, v, norm)
         return (new_memory, norm + ops.sum(sk, axis=2)), (memory, norm)
 
-    (final, _), (before, _) = ops.scan(step, (memory0, norm_before[:, 0]), xs)
+    (final, _), (before, _) = loops.scan(step, (memory0, norm_before[:, 0]), xs)
     return ops.moveaxis(before, 0, 1), final
 
 

@@ -7,8 +7,9 @@ so they cost `O(k * dim)` per segment; the only `S x k` work is on integer indic
 
 from keras import ops
 
-# Score given to tokens that must never be selected (masked or padding).
-_EXCLUDED = -1.0e9
+# Score given to tokens that must never be selected (masked or padding): below every
+# finite float32 logit (selection validity is read from `valid`, not from this score).
+_EXCLUDED = -3.0e38
 
 
 def top_k_selection(logits, valid, k):
