@@ -292,8 +292,13 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
         length = segment_ops.static_or_dynamic_dim(inputs, 1)
         batch = segment_ops.static_or_dynamic_dim(inputs, 0)
 
-        # Pad to whole segments; `valid` marks real, unmasked tokens (float32, 0/1).
-        valid = segment_ops.fold(segment_ops.valid_tokens(inputs, mask, seg), seg)
+        # Pad to whole segments; `valid` marks real, unmasked tokens (float32, 0/1), or is
+        # None when every token is real (no mask, no padding): no mask tensor to build,
+        # apply or constant-fold (see `attention_ops.attention_mask`).
+        if mask is None and isinstance(length, int) and length % seg == 0:
+            valid = None
+        else:
+            valid = segment_ops.fold(segment_ops.valid_tokens(inputs, mask, seg), seg)
         x = segment_ops.pad_to_segments(ops.cast(inputs, self.compute_dtype), seg, axis=1)
         x = segment_ops.fold(x, seg)  # (b, n, S, D)
         pos = None
@@ -344,20 +349,26 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
         groups = -(-n // group)
         pad = groups * group - n
 
+        if valid is None and pad:  # the padding segments must not enter the memory
+            valid = ops.ones(ops.shape(x)[:3], dtype="float32")
+
         def to_groups(t):
             if pad:
                 t = ops.concatenate([t, ops.zeros_like(t[:, :pad])], axis=1)  # pad < n
             shape = [ops.shape(t)[0], groups, group] + list(t.shape[2:])
             return ops.moveaxis(ops.reshape(t, shape), 1, 0)
 
-        xs = [to_groups(x), to_groups(valid)]
+        xs = {"x": to_groups(x)}
+        if valid is not None:
+            xs["valid"] = to_groups(valid)
         if pos is not None:
-            xs.append(to_groups(pos))
+            xs["pos"] = to_groups(pos)
 
         def step(carry, parts):
             memory, norm = carry
-            p = parts[2] if pos is not None else None
-            mixed, memory, norm = self._segments(parts[0], parts[1], p, memory, norm, None)
+            mixed, memory, norm = self._segments(
+                parts["x"], parts.get("valid"), parts.get("pos"), memory, norm, None
+            )
             return (memory, norm), mixed
 
         (memory_final, norm_final), mixed = loops.scan(step, (memory0, norm0), xs)
@@ -387,7 +398,9 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
         )
 
         # 2-3. Memory states before each segment (float32) and retrieval.
-        sigma_k = memory_ops.sigma(key) * valid[:, :, None, :, None]
+        sigma_k = memory_ops.sigma(key)
+        if valid is not None:
+            sigma_k = sigma_k * valid[:, :, None, :, None]
         value32 = ops.cast(value, "float32")
         norm_before, norm_final = memory_ops.norm_states(sigma_k, norm0)
         if self.update == "linear":

@@ -14,19 +14,26 @@ from keras_infini.ops import loops
 _MASKED_LOGIT = -1.0e30
 
 
-def attention_mask(key_valid, causal):
-    """Boolean `(batch, n, 1, S, S)` mask (query axis -2, key axis -1).
+def attention_mask(key_valid, causal, segment_len=None):
+    """Boolean mask broadcastable to `(batch, n, heads, S, S)` (query axis -2, key axis -1).
 
-    `key_valid` is a float or bool `(batch, n, S)` tensor: 1 where the key may be attended.
+    `key_valid` is a float or bool `(batch, n, S)` tensor (1 where the key may be
+    attended), or `None` when every key is valid: then the mask is the `(1, 1, 1, S, S)`
+    causal triangle (`segment_len` gives `S`), or `None` when not `causal` either. Keeping
+    all-valid inputs free of a `(batch, L)` mask matters under XLA: a mask built from
+    constant ones was constant-folded at compile time, which took ~30 s at 64K tokens.
     """
-    mask = ops.cast(key_valid, "bool")[:, :, None, None, :]
+    mask = None
+    if key_valid is not None:
+        mask = ops.cast(key_valid, "bool")[:, :, None, None, :]
     if causal:
-        seg = key_valid.shape[-1]
+        seg = segment_len if key_valid is None else key_valid.shape[-1]
         if seg is None:
             seg = ops.shape(key_valid)[-1]
         rows = ops.arange(seg)[:, None]
         cols = ops.arange(seg)[None, :]
-        mask = ops.logical_and(mask, (cols <= rows)[None, None, None, :, :])
+        triangle = (cols <= rows)[None, None, None, :, :]
+        mask = triangle if mask is None else ops.logical_and(mask, triangle)
     return mask
 
 
@@ -36,7 +43,8 @@ def local_attention(query, key, value, mask):
     Args:
         query, key: `(batch, n, heads, S, dim_key)`, already rotated if positions apply.
         value: `(batch, n, heads, S, dim_value)`.
-        mask: boolean, broadcastable to `(batch, n, heads, S, S)` (query, key).
+        mask: boolean, broadcastable to `(batch, n, heads, S, S)` (query, key), or
+            `None` (every query attends to every key of its segment).
 
     Returns:
         `(batch, n, heads, S, dim_value)` in the dtype of `value`. A query with no key to
@@ -48,7 +56,10 @@ def local_attention(query, key, value, mask):
     query = ops.multiply(query, ops.cast(1.0 / float(dim_key) ** 0.5, query.dtype))
     scores = ops.einsum("bnhqd,bnhkd->bnhqk", query, key)
     # Softmax in float32: stable under mixed precision and exact for masked logits.
-    scores = ops.where(mask, ops.cast(scores, "float32"), _MASKED_LOGIT)
+    scores = ops.cast(scores, "float32")
+    if mask is None:
+        return ops.matmul(ops.cast(ops.softmax(scores, axis=-1), value.dtype), value)
+    scores = ops.where(mask, scores, _MASKED_LOGIT)
     probs = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
     # Rows whose keys are all masked received a uniform softmax over _MASKED_LOGIT; zero
     # their output (S x dv, cheaper than zeroing the S x S probabilities; same gradients).
@@ -67,13 +78,14 @@ def grouped_local_attention(query, key, value, key_valid, causal, group_segments
 
     Args:
         query, key, value: `(batch, n, heads, S, dim)`.
-        key_valid: float 0/1 `(batch, n, S)`.
+        key_valid: float 0/1 `(batch, n, S)`, or `None` (every key valid).
         causal: causal mask inside each segment.
         group_segments: segments per group (a Python int), or `None`: no grouping.
     """
     n = query.shape[1]
+    seg = query.shape[-2]
     if n is None or group_segments is None or n <= group_segments:
-        return local_attention(query, key, value, attention_mask(key_valid, causal))
+        return local_attention(query, key, value, attention_mask(key_valid, causal, seg))
     groups = -(-n // group_segments)
     pad = groups * group_segments - n
 
@@ -84,9 +96,12 @@ def grouped_local_attention(query, key, value, key_valid, causal, group_segments
         shape = [ops.shape(t)[0], groups, group_segments] + list(t.shape[2:])
         return ops.moveaxis(ops.reshape(t, shape), 1, 0)
 
+    if key_valid is None:
+        key_valid = ops.ones(ops.shape(query)[:2] + (seg,), dtype="float32")
+
     def attend(parts):
         q, k, v, valid = parts
-        return local_attention(q, k, v, attention_mask(valid, causal))
+        return local_attention(q, k, v, attention_mask(valid, causal, seg))
 
     out = loops.map(attend, tuple(to_groups(t) for t in (query, key, value, key_valid)))
     out = ops.moveaxis(out, 0, 1)  # (batch, groups, G, heads, S, dv)
