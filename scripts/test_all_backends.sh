@@ -13,7 +13,10 @@ status=0
 for backend in jax tensorflow torch; do
   echo "=== KERAS_BACKEND=$backend ==="
   start=$(date +%s)
-  KERAS_BACKEND=$backend .venv/bin/python -m pytest tests -q -p no:cacheprovider "$@"
+  # Two pytest-xdist workers, whole files per worker (module fixtures stay shared);
+  # PYTEST_WORKERS=0 runs in one process.
+  KERAS_BACKEND=$backend .venv/bin/python -m pytest tests -q -p no:cacheprovider \
+    -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
   rc=$?
   echo "=== $backend: exit $rc in $(( $(date +%s) - start )) s ==="
   [[ $rc -ne 0 ]] && status=1
