@@ -185,6 +185,9 @@ def parse_args(argv):
     p.add_argument("--yarn", action="store_true", help="YaRN instead of RoPE")
     p.add_argument("--yarn-scale", type=float, default=4.0,
                    help="with --yarn: context_len_ext / context_len")
+    p.add_argument("--gate-init", type=float, default=None,
+                   help="initial memory gate of every head (sigmoid(g) = share of memory "
+                        "retrieval); default: the layer's 0, an even mix")
     p.add_argument("--no-memory", action="store_true",
                    help="pin every memory gate to -30: local attention only")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
@@ -240,6 +243,10 @@ def main(argv=None):
           f"segments of {args.segment_len}")
 
     model = build_model(args)
+    if args.gate_init is not None:
+        for block in blocks_of(model):
+            gate = block.attention.gate
+            gate.assign(np.full(gate.shape, args.gate_init, dtype="float32"))
     if args.no_memory:
         disable_memory(model)
     total = steps_per_epoch * args.epochs
