@@ -169,12 +169,16 @@ def compile_step(streamer):
         import tensorflow as tf
 
         return tf.function(step, reduce_retracing=True)
+    return _eager_step(streamer)
 
-    def eager_step(chunk, states):
+
+def _eager_step(streamer):
+    """`streamer.run` for inference, eagerly (no torch autograd graph)."""
+    def step(chunk, states):
         with _no_grad():
-            return step(chunk, states)
+            return streamer.run(chunk, states, training=False)
 
-    return eager_step
+    return step
 
 
 def generate(model, prompt, steps, temperature=1.0, top_k=None, seed=None, pad_id=0,
@@ -226,12 +230,7 @@ def generate(model, prompt, steps, temperature=1.0, top_k=None, seed=None, pad_i
     streamer = Streamer(model)
     seg = streamer.segment_len
     batch = prompt.shape[0]
-    if compiled:
-        step = compile_step(streamer)
-    else:
-        def step(chunk, states):
-            with _no_grad():
-                return streamer.run(chunk, states)
+    step = compile_step(streamer) if compiled else _eager_step(streamer)
 
     # Commit every whole segment of the prompt but keep >= 1 token pending for the logits.
     committed = ((prompt.shape[1] - 1) // seg) * seg

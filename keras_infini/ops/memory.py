@@ -28,9 +28,8 @@ def sigma(x):
     return ops.elu(ops.cast(x, "float32")) + 1.0
 
 
-# Static segment counts up to this use the blocked matmul cumsum; longer or dynamic ones
-# use `ops.cumsum` (`_blocked_exclusive_cumsum` recurses on the block totals, so any static
-# count works; the cap only bounds the number of traced levels).
+# Block size of the blocked exclusive cumsum used for static segment counts (it recurses
+# on the block totals, so any static count works).
 _BLOCK = 16
 
 
@@ -74,8 +73,8 @@ def _blocked_exclusive_cumsum(x):
     pad = blocks * _BLOCK - n
     if pad:
         flat = ops.concatenate([flat, ops.zeros_like(flat[:, :pad])], axis=1)
-    width = flat.shape[-1]
-    width = ops.shape(flat)[-1] if width is None else width
+    if width == -1:
+        width = ops.shape(flat)[-1]
     grouped = ops.reshape(flat, (batch, blocks, _BLOCK, width))
     inside = ops.einsum("mn,bcnx->bcmx", _strict_lower(_BLOCK, x.dtype), grouped)
     before_block = _blocked_exclusive_cumsum(ops.sum(grouped, axis=2))  # (b, blocks, x)
