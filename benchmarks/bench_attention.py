@@ -35,7 +35,9 @@ Usage:
 Options: `--lengths` (default 1024,4096,16384,65536), `--layers` (default
 cm-linear,cm-delta,mha), `--repeats` (default 3), `--timeout` per configuration in seconds
 (default 600), `--max-mha-len` (default 16384; longer MHA runs are not attempted),
-`--rope`, `--json PATH` (raw results). FLOP conventions are documented in `_common.py`.
+`--rope`, `--json PATH` (raw results), `--malloc-tuning` (children run with glibc malloc
+keeping freed memory, see `GLIBC_MALLOC_TUNING`). FLOP conventions are documented in
+`_common.py`.
 """
 
 import argparse
@@ -58,6 +60,17 @@ LEARNING_RATE = 1e-3
 LONG_STEP_S = 20.0  # stop repeating once one call takes longer than this
 
 LAYERS = ("cm-linear", "cm-delta", "mha")
+
+# `--malloc-tuning`: glibc keeps freed memory instead of returning it to the OS. By default
+# every tensor above 32 MiB is a fresh `mmap` whose pages fault in (and are zeroed) on each
+# step; a 64K-token eager torch train step spent ~1 s of its 5.5 s in 500K page faults
+# (sys time), which made its per-token cost grow with the length. The same effect as
+# jemalloc/tcmalloc, which PyTorch's CPU performance guide recommends.
+GLIBC_MALLOC_TUNING = {
+    "MALLOC_MMAP_THRESHOLD_": str(16 << 30),
+    "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
+    "MALLOC_TOP_PAD_": str(1 << 30),
+}
 QUADRATIC = {"mha"}
 DEFAULT_LENGTHS = (1024, 4096, 16384, 65536)
 
@@ -201,6 +214,8 @@ def run_all(args):
     records = []
     child_env = dict(os.environ)
     child_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # keep TF's INFO lines out of stderr
+    if args.malloc_tuning:
+        child_env.update(GLIBC_MALLOC_TUNING)
     for layer_name in args.layers:
         failed_at = None
         for length in args.lengths:
@@ -302,6 +317,12 @@ def header_lines(records, args):
         + (", RoPE" if args.rope else ", no positional embedder")
         + f"; median of up to {args.repeats} calls after a compile/warm-up call "
         f"(fewer when a call exceeds {LONG_STEP_S:g} s).",
+        "allocator: "
+        + (
+            "glibc with " + " ".join(f"{k}={v}" for k, v in GLIBC_MALLOC_TUNING.items())
+            if args.malloc_tuning
+            else "default (glibc defaults unless the environment sets MALLOC_*)"
+        ),
         "train step = forward + backward + SGD update (train_on_batch); "
         "compile+first step = first train_on_batch call, including compilation.",
         "MFU = model FLOPs per second / ceiling; FLOPs count matmuls only (2*m*n*k), "
@@ -380,6 +401,7 @@ def parent_main(args):
                 "repeats": args.repeats,
                 "timeout_s": args.timeout,
                 "max_mha_len": args.max_mha_len,
+                "malloc_tuning": args.malloc_tuning,
                 "train_flops_factor": _common.TRAIN_FLOPS_FACTOR,
             },
             "records": records,
@@ -425,6 +447,10 @@ def parse_args(argv=None):
     parser.add_argument("--rope", action="store_true",
                         help='CompressiveMemory with positional_embedder="rope"')
     parser.add_argument("--json", metavar="PATH", help="write the raw results to PATH")
+    parser.add_argument("--malloc-tuning", action="store_true",
+                        help="run the children with glibc malloc set to keep freed memory "
+                             "(MALLOC_MMAP_THRESHOLD_/TRIM_THRESHOLD_/TOP_PAD_, see "
+                             "GLIBC_MALLOC_TUNING)")
     # Internal: run one configuration and print its result line.
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layer", choices=LAYERS, help=argparse.SUPPRESS)

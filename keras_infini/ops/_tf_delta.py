@@ -1,7 +1,7 @@
-"""TensorFlow fast path: the delta-rule recurrence for a dynamic number of segments.
+"""TensorFlow fast path: the delta-rule recurrence over segments.
 
-Used only when the backend is TensorFlow and the number of segments is not static (a
-retraced `tf.function` with a `None` sequence length). Keras' `ops.scan` lowers to a
+The default on TensorFlow (`memory.delta_memory_states(method="auto")`), for static and
+dynamic numbers of segments. Keras' `ops.scan` lowers to a
 `tf.while_loop` without `maximum_iterations`, which XLA (`jit_compile=True`, the default
 on GPU) cannot differentiate; this loop bounds its iterations and collects the states in
 a `TensorArray`, which XLA compiles and differentiates. The portable fallback is

@@ -7,7 +7,12 @@ a scan over `n` steps costs `O(n^2)` memory traffic: a delta-rule CompressiveMem
 step at 64K tokens (256 segments) took 35 s, 6.6x the per-token cost of 4K.
 `torch_unbind_scan` splits `xs` once with `ops.unstack` (`torch.unbind`, whose backward
 stacks the gradients: `O(n)`) and loops over the pieces. Eager torch loops in Python either
-way; on TensorFlow and JAX the `keras.ops` versions compile to one loop.
+way; on JAX the `keras.ops` versions compile to one loop.
+
+On TensorFlow, `scan` over a static number of steps uses `_tf_scan.while_scan`: a
+`tf.while_loop` with `maximum_iterations` and `TensorArray`s, which XLA can differentiate
+(Keras' TF `ops.scan` cannot be differentiated under `jit_compile=True`). A dynamic number
+of steps falls back to `ops.scan`.
 """
 
 from keras import backend
@@ -35,9 +40,14 @@ def torch_unbind_scan(f, init, xs):
 
 
 def scan(f, init, xs):
-    """`ops.scan(f, init, xs)`; on torch `torch_unbind_scan` (see the module docstring)."""
+    """`ops.scan(f, init, xs)`; on torch `torch_unbind_scan`, on TensorFlow with a static
+    number of steps `_tf_scan.while_scan` (see the module docstring)."""
     if _use_unbind():
         return torch_unbind_scan(f, init, xs)
+    if backend.backend() == "tensorflow" and tree.flatten(xs)[0].shape[0] is not None:
+        from keras_infini.ops import _tf_scan
+
+        return _tf_scan.while_scan(f, init, xs)
     return ops.scan(f, init, xs)
 
 
