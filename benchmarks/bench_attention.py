@@ -35,7 +35,8 @@ Usage:
 Options: `--lengths` (default 1024,4096,16384,65536), `--layers` (default
 cm-linear,cm-delta,mha), `--repeats` (default 3), `--timeout` per configuration in seconds
 (default 600), `--max-mha-len` (default 16384; longer MHA runs are not attempted),
-`--rope`, `--json PATH` (raw results), `--malloc-tuning` (children run with glibc malloc
+`--rope`, `--json PATH` (raw results), `--keras-default-compile` (`jit_compile="auto"`,
+which on TensorFlow without a GPU means no XLA), `--malloc-tuning` (children run with glibc malloc
 keeping freed memory, see `GLIBC_MALLOC_TUNING`). FLOP conventions are documented in
 `_common.py`.
 """
@@ -126,7 +127,7 @@ def build_model(layer_name, length, rope):
 
 
 # --------------------------------------------------------------------------- child
-def run_configuration(layer_name, length, repeats, rope):
+def run_configuration(layer_name, length, repeats, rope, keras_default_compile=False):
     """Runs one (layer, length) configuration in this process; returns the result dict."""
     import numpy as np
     import keras
@@ -137,7 +138,7 @@ def run_configuration(layer_name, length, repeats, rope):
 
     keras.utils.set_random_seed(0)
     model = build_model(layer_name, length, rope)
-    jit_compile = "auto" if env["backend"] == "torch" else True
+    jit_compile = "auto" if env["backend"] == "torch" or keras_default_compile else True
     model.compile(
         optimizer=keras.optimizers.SGD(LEARNING_RATE), loss="mse", jit_compile=jit_compile
     )
@@ -200,7 +201,9 @@ def run_configuration(layer_name, length, repeats, rope):
 
 
 def child_main(args):
-    result = run_configuration(args.layer, args.length, args.repeats, args.rope)
+    result = run_configuration(
+        args.layer, args.length, args.repeats, args.rope, args.keras_default_compile
+    )
     _common.emit_result(result)
 
 
@@ -235,6 +238,8 @@ def run_all(args):
                 ]
                 if args.rope:
                     argv.append("--rope")
+                if args.keras_default_compile:
+                    argv.append("--keras-default-compile")
                 log(f"{display_name(layer_name, args.rope)} L={length}: running ...")
                 status, result, info = _common.run_child(argv, args.timeout, env=child_env)
                 record.update(status=status, info=info)
@@ -317,6 +322,12 @@ def header_lines(records, args):
         + (", RoPE" if args.rope else ", no positional embedder")
         + f"; median of up to {args.repeats} calls after a compile/warm-up call "
         f"(fewer when a call exceeds {LONG_STEP_S:g} s).",
+        "compile: "
+        + (
+            'jit_compile="auto" (Keras default; TensorFlow on CPU: no XLA; torch: eager)'
+            if args.keras_default_compile
+            else 'jit_compile=True (JAX, TensorFlow), "auto" (torch: eager)'
+        ),
         "allocator: "
         + (
             "glibc with " + " ".join(f"{k}={v}" for k, v in GLIBC_MALLOC_TUNING.items())
@@ -402,6 +413,7 @@ def parent_main(args):
                 "timeout_s": args.timeout,
                 "max_mha_len": args.max_mha_len,
                 "malloc_tuning": args.malloc_tuning,
+                "keras_default_compile": args.keras_default_compile,
                 "train_flops_factor": _common.TRAIN_FLOPS_FACTOR,
             },
             "records": records,
@@ -451,6 +463,9 @@ def parse_args(argv=None):
                         help="run the children with glibc malloc set to keep freed memory "
                              "(MALLOC_MMAP_THRESHOLD_/TRIM_THRESHOLD_/TOP_PAD_, see "
                              "GLIBC_MALLOC_TUNING)")
+    parser.add_argument("--keras-default-compile", action="store_true",
+                        help='compile with jit_compile="auto" (Keras\' default: no XLA for '
+                             "TensorFlow on CPU) instead of True")
     # Internal: run one configuration and print its result line.
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layer", choices=LAYERS, help=argparse.SUPPRESS)

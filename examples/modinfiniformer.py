@@ -133,13 +133,28 @@ def disable_memory(model):
         gate.trainable = False
 
 
-def gate_summary(model):
-    """Mean sigmoid(gate) per block: the share of memory retrieval in the attention."""
-    values = []
+def init_gates(model, values):
+    """Sets every block's per-head memory gate to `values` (one number, or one per head)."""
     for block in blocks_of(model):
-        gate = np.asarray(keras.ops.convert_to_numpy(block.attention.gate))
-        values.append(float(np.mean(1.0 / (1.0 + np.exp(-gate)))))
-    return " ".join(f"{v:.3f}" for v in values)
+        gate = block.attention.gate
+        heads = gate.shape[0]
+        if len(values) not in (1, heads):
+            raise ValueError(
+                f"Invalid --gate-init={','.join(f'{v:g}' for v in values)}: expected one "
+                f"number or {heads} (one per head)."
+            )
+        gate.assign(np.broadcast_to(np.asarray(values, "float32"), gate.shape))
+
+
+def gate_summary(model):
+    """sigmoid(gate) per block, mean over heads and per head in brackets: the share of
+    memory retrieval in the attention."""
+    parts = []
+    for block in blocks_of(model):
+        gate = np.asarray(keras.ops.convert_to_numpy(block.attention.gate), "float64")
+        share = 1.0 / (1.0 + np.exp(-gate))
+        parts.append(f"{share.mean():.3f} [{' '.join(f'{v:.2f}' for v in share)}]")
+    return " | ".join(parts)
 
 
 def compile_model(model, args, schedule=None):
@@ -158,6 +173,17 @@ def compile_model(model, args, schedule=None):
 
 
 # ----------------------------------------------------------------------------- main
+def gate_values(text):
+    """`--gate-init` values: floats separated by commas."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid gate values {text!r}: expected numbers separated by commas"
+        ) from None
+    return values
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -185,9 +211,11 @@ def parse_args(argv):
     p.add_argument("--yarn", action="store_true", help="YaRN instead of RoPE")
     p.add_argument("--yarn-scale", type=float, default=4.0,
                    help="with --yarn: context_len_ext / context_len")
-    p.add_argument("--gate-init", type=float, default=None,
-                   help="initial memory gate of every head (sigmoid(g) = share of memory "
-                        "retrieval); default: the layer's 0, an even mix")
+    p.add_argument("--gate-init", type=gate_values, default=None,
+                   help="initial memory gate (sigmoid(g) = share of memory retrieval): one "
+                        "number for every head, or one per head separated by commas (e.g. "
+                        "'-4,-4,-4,2': three local heads, one memory head); default: the "
+                        "layer's 0, an even mix")
     p.add_argument("--no-memory", action="store_true",
                    help="pin every memory gate to -30: local attention only")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
@@ -244,9 +272,7 @@ def main(argv=None):
 
     model = build_model(args)
     if args.gate_init is not None:
-        for block in blocks_of(model):
-            gate = block.attention.gate
-            gate.assign(np.full(gate.shape, args.gate_init, dtype="float32"))
+        init_gates(model, args.gate_init)
     if args.no_memory:
         disable_memory(model)
     total = steps_per_epoch * args.epochs

@@ -115,3 +115,24 @@ def test_classify_split_and_masking(classify):
     a = keras.ops.convert_to_numpy(model(short[None, :6]))
     b = keras.ops.convert_to_numpy(model(np.concatenate([short, [256] * 12])[None]))
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_gate_init_per_head(lm):
+    args = lm.parse_args(["--dim", "16", "--heads", "2", "--layers", "2",
+                          "--gate-init=-4,2"])
+    assert args.gate_init == [-4.0, 2.0]
+    model = lm.build_model(args)
+    lm.init_gates(model, args.gate_init)
+    for block in lm.blocks_of(model):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(block.attention.gate),
+                                      [-4.0, 2.0])
+    # sigmoid(-4) = 0.018, sigmoid(2) = 0.881, mean 0.449
+    assert lm.gate_summary(model) == "0.449 [0.02 0.88] | 0.449 [0.02 0.88]"
+    lm.init_gates(model, [-3.0])  # one number: every head
+    for block in lm.blocks_of(model):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(block.attention.gate),
+                                      [-3.0, -3.0])
+    with pytest.raises(ValueError, match="--gate-init=1,2,3: expected one number or 2"):
+        lm.init_gates(model, [1.0, 2.0, 3.0])
+    with pytest.raises(SystemExit):
+        lm.parse_args(["--gate-init", "a,b"])
