@@ -153,9 +153,9 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
     #   6.6 s (JAX).
     # - TensorFlow: groups of 4096 tokens for `update="delta"` (whole layer per group
     #   through a bounded `tf.while_loop`, `loops.scan`, which XLA differentiates): the
-    #   64K delta train step went from 5.7 s to 4.0 s (per token 1.56x -> 1.17x of 4K).
-    #   No grouping for `linear`: it is already close to flat batched (64K train 3.69 s,
-    #   grouped 3.65 s; 16K 0.81 s, grouped 0.86 s).
+    #   64K delta train step (XLA) went from 5.36 s to 3.38 s (per token 1.56x -> 0.97x
+    #   of 4K). No grouping for `linear`: batched it is as fast (64K train 3.69 s, grouped
+    #   3.65 s; 16K 0.81 s, grouped 0.86 s).
     attention_group_tokens = "auto"
     # Backends on which whole groups of segments run one after the other (see above);
     # elsewhere only the local attention is mapped over groups.
