@@ -157,9 +157,6 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
     #   of 4K). No grouping for `linear`: batched it is as fast (64K train 3.69 s, grouped
     #   3.65 s; 16K 0.81 s, grouped 0.86 s).
     attention_group_tokens = "auto"
-    # Backends on which whole groups of segments run one after the other (see above);
-    # elsewhere only the local attention is mapped over groups.
-    _group_whole_layer_backends = ("torch", "jax", "tensorflow")
 
     def __init__(
         self,
@@ -323,12 +320,7 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
                 group_tokens = None
         group = None if group_tokens is None else max(1, group_tokens // seg)
         n = x.shape[1]
-        if (
-            keras.backend.backend() in self._group_whole_layer_backends
-            and group is not None
-            and n is not None
-            and n > group
-        ):
+        if group is not None and n is not None and n > group:
             mixed, memory_final, norm_final = self._grouped_segments(
                 x, valid, pos, memory0, norm0, group
             )
