@@ -37,8 +37,9 @@ cm-linear,cm-delta,mha), `--repeats` (default 3), `--timeout` per configuration 
 (default 600), `--max-mha-len` (default 16384; longer MHA runs are not attempted),
 `--rope`, `--json PATH` (raw results), `--keras-default-compile` (`jit_compile="auto"`,
 which on TensorFlow without a GPU means no XLA), `--malloc-tuning` (children run with glibc malloc
-keeping freed memory, see `GLIBC_MALLOC_TUNING`). FLOP conventions are documented in
-`_common.py`.
+keeping freed memory, see `GLIBC_MALLOC_TUNING`), `--group-tokens` ("auto", "none" or a
+number: `CompressiveMemory.attention_group_tokens`, to tune the group size). FLOP
+conventions are documented in `_common.py`.
 """
 
 import argparse
@@ -100,8 +101,9 @@ def forward_flops(layer_name, length):
     )
 
 
-def build_model(layer_name, length, rope):
-    """`keras.Model`: `Input((length, DIM))` -> the layer under test."""
+def build_model(layer_name, length, rope, group_tokens="auto"):
+    """`keras.Model`: `Input((length, DIM))` -> the layer under test. `group_tokens` sets
+    `CompressiveMemory.attention_group_tokens` ("auto", None or a number of tokens)."""
     import keras
 
     inputs = keras.Input((length, DIM), name="x")
@@ -122,12 +124,15 @@ def build_model(layer_name, length, rope):
             positional_embedder="rope" if rope else None,
             name=layer_name.replace("-", "_"),
         )
+        layer.attention_group_tokens = group_tokens
         outputs = layer(inputs)
     return keras.Model(inputs, outputs, name=f"bench_{layer_name.replace('-', '_')}")
 
 
 # --------------------------------------------------------------------------- child
-def run_configuration(layer_name, length, repeats, rope, keras_default_compile=False):
+def run_configuration(
+    layer_name, length, repeats, rope, keras_default_compile=False, group_tokens="auto"
+):
     """Runs one (layer, length) configuration in this process; returns the result dict."""
     import numpy as np
     import keras
@@ -137,7 +142,7 @@ def run_configuration(layer_name, length, repeats, rope, keras_default_compile=F
     rss_setup = _common.peak_rss_mib()
 
     keras.utils.set_random_seed(0)
-    model = build_model(layer_name, length, rope)
+    model = build_model(layer_name, length, rope, group_tokens)
     jit_compile = "auto" if env["backend"] == "torch" or keras_default_compile else True
     model.compile(
         optimizer=keras.optimizers.SGD(LEARNING_RATE), loss="mse", jit_compile=jit_compile
@@ -202,7 +207,12 @@ def run_configuration(layer_name, length, repeats, rope, keras_default_compile=F
 
 def child_main(args):
     result = run_configuration(
-        args.layer, args.length, args.repeats, args.rope, args.keras_default_compile
+        args.layer,
+        args.length,
+        args.repeats,
+        args.rope,
+        args.keras_default_compile,
+        args.group_tokens,
     )
     _common.emit_result(result)
 
@@ -240,6 +250,8 @@ def run_all(args):
                     argv.append("--rope")
                 if args.keras_default_compile:
                     argv.append("--keras-default-compile")
+                if args.group_tokens != "auto":
+                    argv += ["--group-tokens", str(args.group_tokens).lower()]
                 log(f"{display_name(layer_name, args.rope)} L={length}: running ...")
                 status, result, info = _common.run_child(argv, args.timeout, env=child_env)
                 record.update(status=status, info=info)
@@ -334,6 +346,8 @@ def header_lines(records, args):
             if args.malloc_tuning
             else "default (glibc defaults unless the environment sets MALLOC_*)"
         ),
+        f"CompressiveMemory attention_group_tokens: {args.group_tokens}"
+        + (" (per-backend default)" if args.group_tokens == "auto" else ""),
         "train step = forward + backward + SGD update (train_on_batch); "
         "compile+first step = first train_on_batch call, including compilation.",
         "MFU = model FLOPs per second / ceiling; FLOPs count matmuls only (2*m*n*k), "
@@ -413,6 +427,7 @@ def parent_main(args):
                 "timeout_s": args.timeout,
                 "max_mha_len": args.max_mha_len,
                 "malloc_tuning": args.malloc_tuning,
+                "group_tokens": args.group_tokens,
                 "keras_default_compile": args.keras_default_compile,
                 "train_flops_factor": _common.TRAIN_FLOPS_FACTOR,
             },
@@ -441,6 +456,20 @@ def layer_list(text):
     return names
 
 
+def group_tokens_arg(text):
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f'--group-tokens must be "auto", "none" or a positive integer, got {text!r}'
+        )
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -466,6 +495,9 @@ def parse_args(argv=None):
     parser.add_argument("--keras-default-compile", action="store_true",
                         help='compile with jit_compile="auto" (Keras\' default: no XLA for '
                              "TensorFlow on CPU) instead of True")
+    parser.add_argument("--group-tokens", type=group_tokens_arg, default="auto",
+                        help='CompressiveMemory.attention_group_tokens: "auto" (default), '
+                             '"none" (one batch) or a number of tokens')
     # Internal: run one configuration and print its result line.
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layer", choices=LAYERS, help=argparse.SUPPRESS)

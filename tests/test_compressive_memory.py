@@ -381,7 +381,8 @@ def test_grouped_attention_matches_reference(update):
 
 @pytest.mark.parametrize("update", ["linear", "delta"])
 def test_grouped_layer_equals_one_batch_with_positions_and_gradients(update):
-    """Grouped (whole layer per group on JAX/torch) vs no grouping: values and gradients."""
+    """Grouped (whole layer per group, output projection included) vs no grouping:
+    values and gradients."""
     x = keras.ops.convert_to_tensor(inputs(29))
     rng = np.random.default_rng(11)
     mask = rng.uniform(size=(B, 29)) > 0.25
@@ -408,10 +409,11 @@ def test_grouped_layer_equals_one_batch_with_positions_and_gradients(update):
         np.testing.assert_allclose(gb, ga, atol=1e-4, rtol=1e-3)
 
 
-def test_grouped_attention_fit_jit_compile():
+@pytest.mark.parametrize("update", ["linear", "delta"])
+def test_grouped_attention_fit_jit_compile(update):
     seq = 40
     inp = keras.Input((seq, D))
-    layer = CompressiveMemory(D, DK, DV, H, S, update="delta", causal=True,
+    layer = CompressiveMemory(D, DK, DV, H, S, update=update, causal=True,
                               positional_embedder="rope")
     layer.attention_group_tokens = 3 * S  # 10 segments -> 4 groups, one padded
     model = keras.Model(inp, layer(inp))

@@ -41,17 +41,18 @@ def test_grouped_attention_equals_direct(group):
 
 
 def _scan_reference(w, h0, xs):
-    """NumPy loop: carry h <- tanh(h @ w + x_t); outputs (h_t * 2, sum of x_t)."""
+    """NumPy loop: carry h <- tanh(h @ w + x_t); outputs (h_t * 2, row sums of x_t)."""
     h, ys, sums = h0, [], []
     for x in xs:
         h = np.tanh(h @ w + x["a"]) * x["b"]
         ys.append(2.0 * h)
-        sums.append(x["a"].sum())
+        sums.append(x["a"].sum(axis=-1))
     return h, np.stack(ys), np.stack(sums)
 
 
-@pytest.mark.parametrize("n", [1, 2, 7])
-def test_loops_scan_matches_numpy_values_and_gradients(n):
+@pytest.mark.parametrize("n,axis", [(1, 0), (2, 0), (7, 0), (1, 1), (7, 1)])
+def test_loops_scan_matches_numpy_values_and_gradients(n, axis):
+    """`loops.scan` over `axis` (steps on axis 0, or on axis 1 with outputs stacked there)."""
     from conftest import gradients
 
     from keras_infini.ops import loops
@@ -65,18 +66,27 @@ def test_loops_scan_matches_numpy_values_and_gradients(n):
     def run():
         def step(h, x):
             h = keras.ops.tanh(keras.ops.matmul(h, w) + x["a"]) * x["b"]
-            return h, (2.0 * h, keras.ops.sum(x["a"]))
+            return h, (2.0 * h, keras.ops.sum(x["a"], axis=-1))
 
-        xs = {"a": keras.ops.convert_to_tensor(a), "b": keras.ops.convert_to_tensor(b)}
-        return loops.scan(step, keras.ops.zeros((2, 3)), xs)
+        # axis 1: the step axis moved to 1, (2, n, 3); outputs come back with it there.
+        xs = {
+            "a": keras.ops.convert_to_tensor(np.moveaxis(a, 0, axis)),
+            "b": keras.ops.convert_to_tensor(np.moveaxis(b, 0, axis)),
+        }
+        return loops.scan(step, keras.ops.zeros((2, 3)), xs, axis=axis)
 
     h, (ys, sums) = run()
     want_h, want_ys, want_sums = _scan_reference(
         w0.astype("float64"), np.zeros((2, 3)), [{"a": a[i], "b": b[i]} for i in range(n)]
     )
+    assert tuple(ys.shape) == np.moveaxis(want_ys, 0, axis).shape
     np.testing.assert_allclose(to_numpy(h), want_h, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(to_numpy(ys), want_ys, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(to_numpy(sums), want_sums, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(ys), np.moveaxis(want_ys, 0, axis), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        to_numpy(sums), np.moveaxis(want_sums, 0, axis), rtol=1e-5, atol=1e-5
+    )
 
     # Gradient of sum(ys) + sum(h) w.r.t. w against central finite differences.
     def loss():

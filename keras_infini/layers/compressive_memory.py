@@ -144,18 +144,24 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
 
     # Long inputs run in groups of this many tokens (whole segments), so the working set
     # does not grow with the input length. `None`: all segments in one batch. "auto"
-    # picks per backend from measurements (benchmarks/bench_attention.py, 2-core CPU):
-    # - torch and JAX: groups of 4096 tokens, and the *whole layer* (projections,
-    #   attention, memory) runs group after group with the state carried
-    #   (`loops.scan`, exact like chunked streaming). One batched call slowed down per
-    #   token from 4K to 64K tokens (train step 2.1x on torch, 1.5x on JAX); grouped,
-    #   the 64K train step takes 4.5 s instead of 12.2 s (torch) and 5.3 s instead of
-    #   6.6 s (JAX).
-    # - TensorFlow: groups of 4096 tokens for `update="delta"` (whole layer per group
-    #   through a bounded `tf.while_loop`, `loops.scan`, which XLA differentiates): the
-    #   64K delta train step (XLA) went from 5.36 s to 3.38 s (per token 1.56x -> 0.97x
-    #   of 4K). No grouping for `linear`: batched it is as fast (64K train 3.69 s, grouped
-    #   3.65 s; 16K 0.81 s, grouped 0.86 s).
+    # picks per backend from measurements (benchmarks/bench_attention.py, 2-core CPU).
+    # The *whole layer* (projections, attention, memory, output projection) runs group
+    # after group with the state carried (`loops.scan` over axis 1, exact like chunked
+    # streaming):
+    # - JAX: groups of 4096 tokens. One batched call slowed down per token from 4K to 64K
+    #   tokens (train step 1.5x); grouped, the 64K train step took 5.3 s instead of 6.6 s.
+    # - torch: groups of 2048 tokens. Batched, the 64K train step took 12.2 s (2.1x per
+    #   token of 4K). Eager torch allocates every intermediate through glibc malloc, which
+    #   serves blocks of 32 MiB and more with a fresh `mmap` whose pages fault in at every
+    #   step; a group's attention logits are `b * tokens * heads * S * 4` bytes (32 MiB for
+    #   4096 tokens at batch 2, 4 heads, S = 256), 16 MiB for 2048 stay in the heap. With
+    #   the output projection inside the loop and the loop splitting/stacking on axis 1
+    #   (no transposed copy of the whole sequence), the 64K delta train step went from
+    #   6.6 s (4096-token groups, projection outside) to 4.3 s: 1.18x per token of 4K.
+    # - TensorFlow: groups of 4096 tokens (a bounded `tf.while_loop`, which XLA
+    #   differentiates). Delta, XLA: the 64K train step went from 5.36 s batched to 3.38 s
+    #   (per token 1.56x -> 0.97x of 4K). Linear: batched 64K train 3.75 s with XLA (1.41x
+    #   per token of 4K) and 2.82 s without; grouped 3.28 s (1.21x) and 2.61 s (1.00x).
     attention_group_tokens = "auto"
 
     def __init__(
@@ -315,25 +321,25 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
 
         group_tokens = self.attention_group_tokens
         if group_tokens == "auto":
-            group_tokens = 4096
-            if keras.backend.backend() == "tensorflow" and self.update == "linear":
-                group_tokens = None
+            group_tokens = {"torch": 2048}.get(keras.backend.backend(), 4096)
         group = None if group_tokens is None else max(1, group_tokens // seg)
         n = x.shape[1]
         if group is not None and n is not None and n > group:
-            mixed, memory_final, norm_final = self._grouped_segments(
+            outputs, memory_final, norm_final = self._grouped_segments(
                 x, valid, pos, memory0, norm0, group
             )
         else:
             mixed, memory_final, norm_final = self._segments(
                 x, valid, pos, memory0, norm0, group
             )
-        outputs = segment_ops.unfold(self.output_dense(mixed))
+            outputs = self.output_dense(mixed)  # (b, n, S, D)
+        outputs = segment_ops.unfold(outputs)
         outputs = segment_ops.trim(outputs, length)
         return self.pack_outputs(outputs, [], memory_final, norm_final, return_state)
 
     def _grouped_segments(self, x, valid, pos, memory0, norm0, group):
-        """`_segments` on groups of `group` segments, one after the other, state carried.
+        """`_segments` and the output projection on groups of `group` segments, one after
+        the other, state carried; returns the projected outputs `(b, n, S, D)`.
 
         Equal to one `_segments` call (chunked streaming is exact), but each group's
         tensors stay small, so elementwise passes and their backward stay in cache (see
@@ -349,11 +355,10 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
         if valid is None and pad:  # the padding segments must not enter the memory
             valid = ops.ones(ops.shape(x)[:3], dtype="float32")
 
-        def to_groups(t):
+        def to_groups(t):  # (b, groups, G, ...): scanned on axis 1, no transpose
             if pad:
                 t = ops.concatenate([t, ops.zeros_like(t[:, :pad])], axis=1)  # pad < n
-            shape = [ops.shape(t)[0], groups, group] + list(t.shape[2:])
-            return ops.moveaxis(ops.reshape(t, shape), 1, 0)
+            return ops.reshape(t, [ops.shape(t)[0], groups, group] + list(t.shape[2:]))
 
         xs = {"x": to_groups(x)}
         if valid is not None:
@@ -366,14 +371,15 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
             mixed, memory, norm = self._segments(
                 parts["x"], parts.get("valid"), parts.get("pos"), memory, norm, None
             )
-            return (memory, norm), mixed
+            return (memory, norm), self.output_dense(mixed)  # (b, G, S, D)
 
-        (memory_final, norm_final), mixed = loops.scan(step, (memory0, norm0), xs)
-        mixed = ops.moveaxis(mixed, 0, 1)  # (b, groups, G, h, S, dv)
-        mixed = ops.reshape(
-            mixed, [ops.shape(mixed)[0], groups * group] + list(mixed.shape[3:])
+        (memory_final, norm_final), outputs = loops.scan(
+            step, (memory0, norm0), xs, axis=1
+        )  # outputs (b, groups, G, S, D)
+        outputs = ops.reshape(
+            outputs, [ops.shape(outputs)[0], groups * group] + list(outputs.shape[3:])
         )
-        return (mixed[:, :n] if pad else mixed), memory_final, norm_final
+        return (outputs[:, :n] if pad else outputs), memory_final, norm_final
 
     def _segments(self, x, valid, pos, memory0, norm0, group):
         """Attention + memory for folded segments `x` `(b, n, S, D)`: the gated heads

@@ -24,31 +24,43 @@ def _use_unbind():
     return backend.backend() == "torch"
 
 
-def torch_unbind_scan(f, init, xs):
-    """`ops.scan(f, init, xs)` semantics (pytrees, outputs stacked on axis 0), O(n) backward."""
+def torch_unbind_scan(f, init, xs, axis=0):
+    """`ops.scan(f, init, xs)` semantics (pytrees), over and stacked on `axis`; O(n) backward."""
     leaves = tree.flatten(xs)
-    pieces = [ops.unstack(leaf, axis=0) for leaf in leaves]
+    pieces = [ops.unstack(leaf, axis=axis) for leaf in leaves]
     carry = init
     ys = []
     for parts in zip(*pieces):
         carry, y = f(carry, tree.pack_sequence_as(xs, list(parts)))
         ys.append(y)
     if not ys:
-        raise ValueError("Invalid xs: scan needs at least one step (leading axis of size 0).")
-    stacked = tree.map_structure(lambda *values: ops.stack(values, axis=0), *ys)
+        raise ValueError(
+            f"Invalid xs: scan needs at least one step (axis {axis} of size 0)."
+        )
+    stacked = tree.map_structure(lambda *values: ops.stack(values, axis=axis), *ys)
     return carry, stacked
 
 
-def scan(f, init, xs):
-    """`ops.scan(f, init, xs)`; on torch `torch_unbind_scan`, on TensorFlow with a static
-    number of steps `_tf_scan.while_scan` (see the module docstring)."""
+def scan(f, init, xs, axis=0):
+    """`ops.scan(f, init, xs)`, scanning `axis` of every leaf of `xs` and stacking the
+    outputs on `axis` (default 0, as `ops.scan`). On torch `torch_unbind_scan`, which
+    splits and stacks on `axis` directly: no copy of the whole input or output to move the
+    axis (each 128 MiB tensor copy at 64K tokens is a fresh `mmap` whose pages fault in).
+    On TensorFlow with a static number of steps `_tf_scan.while_scan` (see the module
+    docstring)."""
     if _use_unbind():
-        return torch_unbind_scan(f, init, xs)
+        return torch_unbind_scan(f, init, xs, axis=axis)
+    if axis != 0:
+        xs = tree.map_structure(lambda leaf: ops.moveaxis(leaf, axis, 0), xs)
     if backend.backend() == "tensorflow" and tree.flatten(xs)[0].shape[0] is not None:
         from keras_infini.ops import _tf_scan
 
-        return _tf_scan.while_scan(f, init, xs)
-    return ops.scan(f, init, xs)
+        carry, ys = _tf_scan.while_scan(f, init, xs)
+    else:
+        carry, ys = ops.scan(f, init, xs)
+    if axis != 0:
+        ys = tree.map_structure(lambda leaf: ops.moveaxis(leaf, 0, axis), ys)
+    return carry, ys
 
 
 def map(f, xs):  # noqa: A001 - mirrors keras.ops.map
