@@ -410,6 +410,34 @@ def test_grouped_layer_equals_one_batch_with_positions_and_gradients(update):
 
 
 @pytest.mark.parametrize("update", ["linear", "delta"])
+def test_grouped_layer_mixed_precision(update):
+    """Grouped under `mixed_bfloat16`: outputs in bfloat16 close to the float32 reference,
+    returned state float32 and equal to the ungrouped layer's."""
+    x = inputs(27)
+    mask = np.random.default_rng(5).uniform(size=(B, 27)) > 0.3
+    weights = make_layer(update, True, "rope").get_weights()
+    results = []
+    for group in (None, 2 * S):
+        layer = make_layer(update, True, "rope", return_state=True, dtype="mixed_bfloat16")
+        layer.set_weights(weights)
+        layer.attention_group_tokens = group
+        results.append(layer(x, mask=mask))
+    (out_a, mem_a, norm_a), (out_b, mem_b, norm_b) = results
+    assert keras.backend.standardize_dtype(out_b.dtype) == "bfloat16"
+    assert keras.backend.standardize_dtype(mem_b.dtype) == "float32"
+    assert keras.backend.standardize_dtype(norm_b.dtype) == "float32"
+    want, _, _ = reference_for(make_layer(update, True, "rope", return_state=True), x,
+                               "rope", mask=mask)
+    out_b = to_numpy(keras.ops.cast(out_b, "float32"))
+    np.testing.assert_allclose(out_b, want, atol=3e-2, rtol=3e-2)
+    np.testing.assert_allclose(
+        out_b, to_numpy(keras.ops.cast(out_a, "float32")), atol=3e-2, rtol=3e-2
+    )
+    np.testing.assert_allclose(to_numpy(mem_b), to_numpy(mem_a), atol=2e-2, rtol=2e-2)
+    np.testing.assert_allclose(to_numpy(norm_b), to_numpy(norm_a), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("update", ["linear", "delta"])
 def test_grouped_attention_fit_jit_compile(update):
     seq = 40
     inp = keras.Input((seq, D))

@@ -157,7 +157,7 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
     #   4096 tokens at batch 2, 4 heads, S = 256), 16 MiB for 2048 stay in the heap. With
     #   the output projection inside the loop and the loop splitting/stacking on axis 1
     #   (no transposed copy of the whole sequence), the 64K delta train step went from
-    #   6.6 s (4096-token groups, projection outside) to 4.3 s: 1.18x per token of 4K.
+    #   6.6 s (4096-token groups, projection outside) to 4.2 s: 1.22x per token of 4K.
     # - TensorFlow: groups of 4096 tokens (a bounded `tf.while_loop`, which XLA
     #   differentiates). Delta, XLA: the 64K train step went from 5.36 s batched to 3.38 s
     #   (per token 1.56x -> 0.97x of 4K). Linear: batched 64K train 3.75 s with XLA (1.41x
