@@ -457,8 +457,10 @@ def layer_list(text):
 
 
 def group_tokens_arg(text):
-    if text in ("auto", "none"):
-        return None if text == "none" else text
+    if text == "auto":
+        return "auto"
+    if text == "none":
+        return None
     try:
         value = int(text)
     except ValueError:

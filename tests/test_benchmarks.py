@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import json
 import os
+import sys
 
 import keras
 import pytest
@@ -17,8 +18,6 @@ BENCHMARKS = os.path.join(
 
 @pytest.fixture(scope="module")
 def bench():
-    import sys
-
     sys.path.insert(0, BENCHMARKS)  # the script imports its sibling `_common`
     try:
         spec = importlib.util.spec_from_file_location(
