@@ -42,6 +42,8 @@ def block_reference(block, activation, rotate_fn=None, memory0=None, norm0=None)
 
     def run(x, mask=None, positions=None):
         bsz = x.shape[0]
+        if mask is not None:  # masked tokens enter as zeros (their outputs: a zero input's)
+            x = np.where(np.asarray(mask, bool)[..., None], x, 0.0)
         m0, z0 = memory0, norm0
         if m0 is None and att.init_state_learnable:
             m0 = np.broadcast_to(to_numpy(att.initial_memory), (bsz,) + tuple(att.initial_memory.shape))

@@ -66,6 +66,7 @@ def compressive_memory(x, wq, wk, wv, wo, gate, *, segment_len, update="linear",
     heads, dk = wq.shape[1], wq.shape[2]
     dv = wv.shape[2]
     mask = np.ones((bsz, length), bool) if mask is None else np.asarray(mask, bool)
+    x = np.where(mask[..., None], x, 0.0)  # a masked token enters as a zero input
     if positions is None:
         positions = np.tile(np.arange(length) % segment_len, (bsz, 1))
     outputs = np.zeros((bsz, length, wo.shape[-1]))

@@ -107,7 +107,9 @@ def test_mask(update, causal):
     mask[0, :5] = False  # first segment fully masked, and the first token of the second
     mask[1, 4] = False  # with causal, query 4 of batch 1 has no key to attend to
     out, memory, norm = layer(x, mask=mask)
-    want, want_m, want_z = reference_for(layer, x, "rope", mask=mask)
+    # A masked token's own output is the output for a zero input (it enters nothing).
+    zeroed = np.where(mask[..., None], x, 0.0).astype("float32")
+    want, want_m, want_z = reference_for(layer, zeroed, "rope", mask=mask)
     np.testing.assert_allclose(to_numpy(out), want, atol=ATOL, rtol=1e-4)
     np.testing.assert_allclose(to_numpy(memory), want_m, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(to_numpy(norm), want_z, atol=1e-4, rtol=1e-5)
@@ -370,7 +372,7 @@ def test_bad_input_shapes():
 @pytest.mark.parametrize("update", ["linear", "delta"])
 def test_grouped_attention_matches_reference(update):
     layer = make_layer(update, True, "rope", return_state=True)
-    layer.attention_group_tokens = 2 * S  # groups of 2 segments: 27 tokens -> 4 groups
+    layer.group_tokens = 2 * S  # groups of 2 segments: 27 tokens -> 4 groups
     x = inputs(27)
     mask = np.random.default_rng(9).uniform(size=(B, 27)) > 0.3
     out, memory, _ = layer(x, mask=mask)
@@ -390,7 +392,7 @@ def test_grouped_layer_equals_one_batch_with_positions_and_gradients(update):
     results, weights = [], None
     for group in (None, 2 * S):
         layer = make_layer(update, True, "rope", learnable=True)
-        layer.attention_group_tokens = group
+        layer.group_tokens = group
         if weights is None:
             layer.initial_norm.assign(np.full((H, DK), 0.5, "float32"))
             weights = layer.get_weights()
@@ -420,7 +422,7 @@ def test_grouped_layer_mixed_precision(update):
     for group in (None, 2 * S):
         layer = make_layer(update, True, "rope", return_state=True, dtype="mixed_bfloat16")
         layer.set_weights(weights)
-        layer.attention_group_tokens = group
+        layer.group_tokens = group
         results.append(layer(x, mask=mask))
     (out_a, mem_a, norm_a), (out_b, mem_b, norm_b) = results
     assert keras.backend.standardize_dtype(out_b.dtype) == "bfloat16"
@@ -444,7 +446,7 @@ def test_grouped_attention_fit_jit_compile(update):
     inp = keras.Input((seq, D))
     layer = CompressiveMemory(D, DK, DV, H, S, update=update, causal=True,
                               positional_embedder="rope")
-    layer.attention_group_tokens = 3 * S  # 10 segments -> 4 groups, one padded
+    layer.group_tokens = 3 * S  # 10 segments -> 4 groups, one padded
     model = keras.Model(inp, layer(inp))
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse",
                   jit_compile=BACKEND != "torch")

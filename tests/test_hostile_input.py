@@ -115,10 +115,11 @@ def test_fully_masked_rows_in_blocks():
     x = normal((2, 2 * S + 1, D))
     mask = np.ones((2, 2 * S + 1), bool)
     mask[0] = False
-    # InfiniTransformer: the attention contributes 0, the MLP still runs per token.
+    # InfiniTransformer: a masked token's output is the block's output for a zero input
+    # (the attention contributes 0, the MLP runs on it).
     block = built("infini")
     y = assert_finite(block(x, mask=mask))
-    t = keras.ops.convert_to_tensor(x[:1])
+    t = keras.ops.zeros_like(keras.ops.convert_to_tensor(x[:1]))
     want = t + block.mlp(block.mlp_norm(t))
     np.testing.assert_allclose(y[0], to_numpy(want)[0], rtol=1e-5, atol=1e-5)
     # MoD: masked tokens are never routed, so they pass through unchanged.

@@ -1,4 +1,4 @@
-"""keras_infini.ops: shared math against NumPy (exclusive cumsum, grouped attention)."""
+"""keras_infini.ops: shared math against NumPy (exclusive cumsum, local attention, loops)."""
 
 import keras
 import numpy as np
@@ -30,14 +30,54 @@ def test_exclusive_cumsum_gradient_is_reverse_count():
     np.testing.assert_allclose(grad, expected)
 
 
-@pytest.mark.parametrize("group", [None, 1, 2, 3, 10])
-def test_grouped_attention_equals_direct(group):
+def test_exclusive_cumsum_isolates_later_non_finite_entries():
+    """A NaN or inf entry reaches only the sums after it (no `0 * nan` from a matmul)."""
+    x = np.random.default_rng(0).standard_normal((1, 40, 3)).astype("float32")
+    x[0, 25, 1] = np.nan
+    x[0, 30, 2] = np.inf
+    out = to_numpy(memory_ops.exclusive_cumsum(keras.ops.convert_to_tensor(x)))
+    expected = np.concatenate([np.zeros_like(x[:, :1]), np.cumsum(x[:, :25], axis=1)], 1)
+    np.testing.assert_allclose(out[:, :26], expected, rtol=1e-5, atol=1e-4)
+    assert np.isnan(out[0, 26:, 1]).all() and np.isinf(out[0, 31:, 2]).all()
+    assert np.isfinite(out[0, :, 0]).all()
+
+
+def _attention_reference(q, k, v, valid, causal):
+    """float64 per query: softmax over the keys it may see (masked/future keys never read)."""
+    b, n, h, s, _ = q.shape
+    out = np.zeros(q.shape[:-1] + (v.shape[-1],))
+    for idx in np.ndindex(b, n, h):
+        for i in range(s):
+            keys = [j for j in range(s) if valid[idx[0], idx[1], j] and (not causal or j <= i)]
+            if not keys:
+                continue
+            logits = q[idx][i] @ k[idx][keys].T / np.sqrt(q.shape[-1])
+            p = np.exp(logits - logits.max())
+            out[idx][i] = (p / p.sum()) @ v[idx][keys]
+    return out
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_local_attention_isolates_non_finite_hidden_keys(causal):
+    """NaN/inf values and keys of masked (and, causally, later) tokens change nothing that
+    may not see them; queries that do see a non-finite value get NaN."""
     rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((2, 7, 2, 4, 3)).astype("float32") for _ in range(3))
-    valid = (rng.random((2, 7, 4)) > 0.2).astype("float32")
-    direct = attention_ops.local_attention(q, k, v, attention_ops.attention_mask(valid, True))
-    grouped = attention_ops.grouped_local_attention(q, k, v, valid, True, group)
-    np.testing.assert_allclose(to_numpy(grouped), to_numpy(direct), atol=1e-6)
+    q, k, v = (rng.standard_normal((2, 3, 2, 6, 4)) for _ in range(3))
+    valid = rng.random((2, 3, 6)) > 0.25
+    valid[0, 0] = False  # one fully masked segment: zeros
+    clean = _attention_reference(q, k, v, valid, causal)
+    k_bad, v_bad = k.copy(), v.copy()
+    k_bad[..., 4, :] = np.nan  # token 4 of every segment: NaN key, inf value
+    v_bad[..., 4, 1] = np.inf
+    v_bad = np.where(valid[:, :, None, :, None], v_bad, np.nan)  # masked tokens: NaN values
+    out = to_numpy(attention_ops.local_attention(
+        *(keras.ops.convert_to_tensor(t.astype("float32")) for t in (q, k_bad, v_bad)),
+        keras.ops.convert_to_tensor(valid), causal))
+    sees = valid[:, :, 4][:, :, None, None, None] & (np.arange(6)[:, None] >= 4 if causal else True)
+    sees = np.broadcast_to(sees, out.shape[:-1] + (1,))
+    np.testing.assert_allclose(np.where(sees, 0, out), np.where(sees, 0, clean), atol=1e-5)
+    assert np.isnan(out[np.broadcast_to(sees, out.shape)]).all()
+    np.testing.assert_array_equal(out[0, 0], 0.0)
 
 
 def _scan_reference(w, h0, xs):

@@ -1,7 +1,5 @@
 """CompressiveMemory: Infini-attention (arXiv 2404.07143) as a Keras 3 layer."""
 
-import numbers
-
 import keras
 from keras import ops
 
@@ -11,26 +9,9 @@ from keras_infini.ops import attention as attention_ops
 from keras_infini.ops import loops
 from keras_infini.ops import memory as memory_ops
 from keras_infini.ops import segments as segment_ops
+from keras_infini import validation
 
 UPDATES = ("linear", "delta")
-
-
-def check_positive_int(name, value, allow_none=False):
-    """Raises a ValueError naming `name` unless `value` is a positive int."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        allowed = "a positive integer" + (" or None" if allow_none else "")
-        raise ValueError(f"Invalid {name}={value!r}: expected {allowed}.")
-
-
-def check_sampling_factor(value):
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 1:
-        raise ValueError(
-            f"Invalid sampling_factor={value!r}: expected None or a number greater than 1."
-        )
 
 
 def resolve_positional_embedder(positional_embedder, dim_key, segment_len):
@@ -142,28 +123,6 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
     (2, 100, 32)
     """
 
-    # Long inputs run in groups of this many tokens (whole segments), so the working set
-    # does not grow with the input length. `None`: all segments in one batch. "auto"
-    # picks per backend from measurements (benchmarks/bench_attention.py, 2-core CPU).
-    # The *whole layer* (projections, attention, memory, output projection) runs group
-    # after group with the state carried (`loops.scan` over axis 1, exact like chunked
-    # streaming):
-    # - JAX: groups of 4096 tokens. One batched call slowed down per token from 4K to 64K
-    #   tokens (train step 1.5x); grouped, the 64K train step took 5.3 s instead of 6.6 s.
-    # - torch: groups of 2048 tokens. Batched, the 64K train step took 12.2 s (2.1x per
-    #   token of 4K). Eager torch allocates every intermediate through glibc malloc, which
-    #   serves blocks of 32 MiB and more with a fresh `mmap` whose pages fault in at every
-    #   step; a group's attention logits are `b * tokens * heads * S * 4` bytes (32 MiB for
-    #   4096 tokens at batch 2, 4 heads, S = 256), 16 MiB for 2048 stay in the heap. With
-    #   the output projection inside the loop and the loop splitting/stacking on axis 1
-    #   (no transposed copy of the whole sequence), the 64K delta train step went from
-    #   6.6 s (4096-token groups, projection outside) to 4.2 s: 1.22x per token of 4K.
-    # - TensorFlow: groups of 4096 tokens (a bounded `tf.while_loop`, which XLA
-    #   differentiates). Delta, XLA: the 64K train step went from 5.36 s batched to 3.38 s
-    #   (per token 1.56x -> 0.97x of 4K). Linear: batched 64K train 3.75 s with XLA (1.41x
-    #   per token of 4K) and 2.82 s without; grouped 3.28 s (1.21x) and 2.61 s (1.00x).
-    attention_group_tokens = "auto"
-
     def __init__(
         self,
         dim_input,
@@ -177,31 +136,27 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
         positional_embedder=None,
         init_state_learnable=False,
         return_state=False,
+        group_tokens="auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
-        check_positive_int("dim_input", dim_input, allow_none=True)
-        check_positive_int("dim_key", dim_key)
-        check_positive_int("dim_value", dim_value)
-        check_positive_int("num_heads", num_heads)
-        check_positive_int("segment_len", segment_len)
-        check_sampling_factor(sampling_factor)
-        if update not in UPDATES:
-            raise ValueError(f"Invalid update={update!r}: expected one of {UPDATES}.")
-        self.dim_input = None if dim_input is None else int(dim_input)
-        self.dim_key = int(dim_key)
-        self.dim_value = int(dim_value)
-        self.num_heads = int(num_heads)
-        self.segment_len = int(segment_len)
-        self.sampling_factor = sampling_factor
-        self.update = update
-        self.causal = bool(causal)
+        self.dim_input = validation.positive_int("dim_input", dim_input, allow_none=True)
+        self.dim_key = validation.positive_int("dim_key", dim_key)
+        self.dim_value = validation.positive_int("dim_value", dim_value)
+        self.num_heads = validation.positive_int("num_heads", num_heads)
+        self.segment_len = validation.positive_int("segment_len", segment_len)
+        self.sampling_factor = validation.sampling_factor(sampling_factor, allow_none=True)
+        self.update = validation.choice("update", update, UPDATES)
+        self.causal = validation.boolean("causal", causal)
+        self.init_state_learnable = validation.boolean(
+            "init_state_learnable", init_state_learnable
+        )
+        self.return_state = validation.boolean("return_state", return_state)
+        self.group_tokens = loops.check_group_tokens(group_tokens)
         self._embedder_arg = positional_embedder
         self.positional_embedder = resolve_positional_embedder(
             positional_embedder, self.dim_key, self.segment_len
         )
-        self.init_state_learnable = bool(init_state_learnable)
-        self.return_state = bool(return_state)
         self.supports_masking = True
 
     # ------------------------------------------------------------------ build
@@ -294,44 +249,51 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
         training=None,
         return_state=None,
     ):
-        seg = self.segment_len
+        mask = validation.sequence_tensor("mask", mask, inputs)
+        positions = validation.sequence_tensor("positions", positions, inputs)
+        initial_state = validation.state(
+            initial_state, inputs, self.num_heads, self.dim_key, self.dim_value
+        )
         length = segment_ops.static_or_dynamic_dim(inputs, 1)
         batch = segment_ops.static_or_dynamic_dim(inputs, 0)
+        if initial_state is None:
+            memory0, norm0 = self.get_initial_state(batch)
+        else:
+            memory0 = ops.cast(initial_state[0], "float32")
+            norm0 = ops.cast(initial_state[1], "float32")
+        if isinstance(length, int) and length == 0:
+            outputs = ops.zeros((batch, 0, self.dim_input), dtype=self.compute_dtype)
+            return self.pack_outputs(outputs, [], memory0, norm0, return_state)
 
-        # Pad to whole segments; `valid` marks real, unmasked tokens (float32, 0/1), or is
-        # None when every token is real (no mask, no padding): no mask tensor to build,
-        # apply or constant-fold (see `attention_ops.attention_mask`).
+        # An input shorter than one segment is one (short) segment: the same result as
+        # padding it to `segment_len`, with work bounded by its real length.
+        seg = self.segment_len
+        if isinstance(length, int):
+            seg = min(seg, length)
+        # Pad to whole segments; `valid` marks real, unmasked tokens (bool), or is None
+        # when every token is real (no mask, no padding): no mask tensor to build, apply or
+        # constant-fold (see `attention_ops.attention_mask`).
         if mask is None and isinstance(length, int) and length % seg == 0:
             valid = None
         else:
-            valid = segment_ops.fold(segment_ops.valid_tokens(inputs, mask, seg), seg)
+            valid = segment_ops.fold(segment_ops.valid_tokens(inputs, mask, seg), seg) > 0
         x = segment_ops.pad_to_segments(ops.cast(inputs, self.compute_dtype), seg, axis=1)
         x = segment_ops.fold(x, seg)  # (b, n, S, D)
         pos = None
         if self.positional_embedder is not None and positions is not None:
-            pos = segment_ops.pad_to_segments(ops.cast(positions, "int32"), seg)
+            # Integer positions stay integers; float positions keep their fraction.
+            pos_dtype = "int32" if "int" in str(positions.dtype) else "float32"
+            pos = segment_ops.pad_to_segments(ops.cast(positions, pos_dtype), seg)
             pos = segment_ops.fold(pos, seg)  # (b, n, S)
 
-        if initial_state is None:
-            memory0, norm0 = self.get_initial_state(batch)
-        else:
-            memory0, norm0 = initial_state
-            memory0 = ops.cast(memory0, "float32")
-            norm0 = ops.cast(norm0, "float32")
-
-        group_tokens = self.attention_group_tokens
-        if group_tokens == "auto":
-            group_tokens = {"torch": 2048}.get(keras.backend.backend(), 4096)
-        group = None if group_tokens is None else max(1, group_tokens // seg)
+        group = loops.group_segments(self.group_tokens, seg)
         n = x.shape[1]
         if group is not None and n is not None and n > group:
             outputs, memory_final, norm_final = self._grouped_segments(
                 x, valid, pos, memory0, norm0, group
             )
         else:
-            mixed, memory_final, norm_final = self._segments(
-                x, valid, pos, memory0, norm0, group
-            )
+            mixed, memory_final, norm_final = self._segments(x, valid, pos, memory0, norm0)
             outputs = self.output_dense(mixed)  # (b, n, S, D)
         outputs = segment_ops.unfold(outputs)
         outputs = segment_ops.trim(outputs, length)
@@ -343,8 +305,8 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
 
         Equal to one `_segments` call (chunked streaming is exact), but each group's
         tensors stay small, so elementwise passes and their backward stay in cache (see
-        `attention_group_tokens`). The loop is `loops.scan`: `lax.scan` on JAX (compiled
-        once, whatever the number of groups), an `unbind` loop on torch (O(n) backward).
+        `group_tokens`). The loop is `loops.scan`: `lax.scan` on JAX (compiled once,
+        whatever the number of groups), an `unbind` loop on torch (O(n) backward).
         Padding segments are invalid: they write nothing to the memory and their outputs
         are dropped.
         """
@@ -353,7 +315,7 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
         pad = groups * group - n
 
         if valid is None and pad:  # the padding segments must not enter the memory
-            valid = ops.ones(ops.shape(x)[:3], dtype="float32")
+            valid = ops.ones(ops.shape(x)[:3], dtype="bool")
 
         def to_groups(t):  # (b, groups, G, ...): scanned on axis 1, no transpose
             if pad:
@@ -369,7 +331,7 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
         def step(carry, parts):
             memory, norm = carry
             mixed, memory, norm = self._segments(
-                parts["x"], parts.get("valid"), parts.get("pos"), memory, norm, None
+                parts["x"], parts.get("valid"), parts.get("pos"), memory, norm
             )
             return (memory, norm), self.output_dense(mixed)  # (b, G, S, D)
 
@@ -381,9 +343,15 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
         )
         return (outputs[:, :n] if pad else outputs), memory_final, norm_final
 
-    def _segments(self, x, valid, pos, memory0, norm0, group):
+    def _segments(self, x, valid, pos, memory0, norm0):
         """Attention + memory for folded segments `x` `(b, n, S, D)`: the gated heads
-        `(b, n, h, S, dv)` before the output projection, and the final `(memory, norm)`."""
+        `(b, n, h, S, dv)` before the output projection, and the final `(memory, norm)`.
+        `valid` is a bool `(b, n, S)` or None (every token real)."""
+        if valid is not None:
+            # Masked tokens enter nothing, whatever their value (NaN, inf): selected away
+            # before the projections, so no output and no weight gradient can see them. A
+            # masked token's own output is the layer's output for a zero input.
+            x = ops.where(valid[..., None], x, ops.zeros_like(x))
         query = self.query_dense(x)  # (b, n, h, S, dk)
         key = self.key_dense(x)
         value = self.value_dense(x)  # (b, n, h, S, dv)
@@ -396,15 +364,19 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
             key_rot = self.positional_embedder(key, positions=p)
         else:
             query_rot, key_rot = query, key
-        attended = attention_ops.grouped_local_attention(
-            query_rot, key_rot, value, valid, self.causal, group
+        attended = attention_ops.local_attention(
+            query_rot, key_rot, value, valid, self.causal
         )
 
-        # 2-3. Memory states before each segment (float32) and retrieval.
+        # 2-3. Memory states before each segment (float32) and retrieval. Invalid tokens
+        # are selected out of both factors of every sum (a zero key times a NaN value is
+        # still NaN).
         sigma_k = memory_ops.sigma(key)
-        if valid is not None:
-            sigma_k = sigma_k * valid[:, :, None, :, None]
         value32 = ops.cast(value, "float32")
+        if valid is not None:
+            keep = valid[:, :, None, :, None]
+            sigma_k = ops.where(keep, sigma_k, ops.zeros_like(sigma_k))
+            value32 = ops.where(keep, value32, ops.zeros_like(value32))
         norm_before, norm_final = memory_ops.norm_states(sigma_k, norm0)
         if self.update == "linear":
             memory_before, memory_final = memory_ops.linear_memory_states(
@@ -441,6 +413,7 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
                 "positional_embedder": embedder,
                 "init_state_learnable": self.init_state_learnable,
                 "return_state": self.return_state,
+                "group_tokens": self.group_tokens,
             }
         )
         return config

@@ -1,26 +1,12 @@
 """InfiniTransformer: a transformer block around CompressiveMemory."""
 
-import numbers
-
 import keras
 
+from keras_infini import validation
 from keras_infini.layers._outputs import StatefulOutputsMixin
 from keras_infini.layers.activations import get_activation
 from keras_infini.layers.compressive_memory import CompressiveMemory
-from keras_infini.layers.compressive_memory import check_positive_int
 from keras_infini.layers.compressive_memory import resolve_positional_embedder
-
-
-def check_dropout(value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
-        raise ValueError(f"Invalid dropout={value!r}: expected a number in [0, 1).")
-
-
-def check_layer_norm_epsilon(value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise ValueError(
-            f"Invalid layer_norm_epsilon={value!r}: expected a number greater than 0."
-        )
 
 
 @keras.saving.register_keras_serializable(package="keras_infini")
@@ -104,27 +90,25 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        check_positive_int("dim_input", dim_input, allow_none=True)
-        check_positive_int("dim_hidden", dim_hidden)
-        check_positive_int("dim_key", dim_key)
-        check_positive_int("segment_len", segment_len)
-        check_dropout(dropout)
-        check_layer_norm_epsilon(layer_norm_epsilon)
-        self.dim_input = None if dim_input is None else int(dim_input)
-        self.dim_hidden = int(dim_hidden)
-        self.dim_key = dim_key
-        self.dim_value = dim_value
-        self.num_heads = num_heads
+        self.dim_input = validation.positive_int("dim_input", dim_input, allow_none=True)
+        self.dim_hidden = validation.positive_int("dim_hidden", dim_hidden)
+        self.dim_key = validation.positive_int("dim_key", dim_key)
+        self.dim_value = validation.positive_int("dim_value", dim_value)
+        self.num_heads = validation.positive_int("num_heads", num_heads)
         self.activation = activation
-        self.segment_len = int(segment_len)
+        self.segment_len = validation.positive_int("segment_len", segment_len)
         self.update = update
-        self.causal = causal
+        self.causal = validation.boolean("causal", causal)
         self._embedder_arg = positional_embedder
-        self.init_state_learnable = init_state_learnable
-        self.dropout = float(dropout)
-        self.normalize_first = bool(normalize_first)
-        self.layer_norm_epsilon = float(layer_norm_epsilon)
-        self.return_state = bool(return_state)
+        self.init_state_learnable = validation.boolean(
+            "init_state_learnable", init_state_learnable
+        )
+        self.dropout = float(validation.rate("dropout", dropout))
+        self.normalize_first = validation.boolean("normalize_first", normalize_first)
+        self.layer_norm_epsilon = float(
+            validation.positive_real("layer_norm_epsilon", layer_norm_epsilon)
+        )
+        self.return_state = validation.boolean("return_state", return_state)
         self.supports_masking = True
 
         # Sublayers whose constructors validate the remaining arguments now, not at build.
@@ -171,6 +155,13 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
                 f"dim_input); received inputs with shape {tuple(input_shape)}."
             )
         if self.dim_input is None:
+            if input_shape[-1] is None:
+                raise ValueError(
+                    f"{type(self).__name__}(dim_input=None) takes its width from the last "
+                    f"axis of the inputs, which is unknown in input shape "
+                    f"{tuple(input_shape)}; pass dim_input or give the inputs a known last "
+                    "axis."
+                )
             self.dim_input = int(input_shape[-1])
         elif input_shape[-1] is not None and int(input_shape[-1]) != self.dim_input:
             raise ValueError(
@@ -220,8 +211,14 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
         training=None,
         return_state=None,
     ):
+        mask = validation.sequence_tensor("mask", mask, inputs)
         if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(inputs.dtype)):
             inputs = keras.ops.cast(inputs, self.compute_dtype)  # integer inputs
+        if mask is not None:
+            # Masked tokens enter nothing, whatever their value (NaN, inf), weight gradients
+            # included: a masked token's output is the block's output for a zero input.
+            keep = keras.ops.cast(mask, "bool")[..., None]
+            inputs = keras.ops.where(keep, inputs, keras.ops.zeros_like(inputs))
         outputs, memory, norm = self.block(inputs, mask, positions, initial_state, training)
         return self.pack_outputs(outputs, [], memory, norm, return_state)
 

@@ -7,7 +7,7 @@ import numbers
 import keras
 from keras import ops
 
-from keras_infini.layers.compressive_memory import check_positive_int
+from keras_infini import validation
 from keras_infini.layers.infini_transformer import InfiniTransformer
 from keras_infini.ops import routing
 from keras_infini.ops import segments as segment_ops
@@ -106,28 +106,15 @@ class MoDInfiniTransformer(InfiniTransformer):
         return_router_outputs=False,
         **kwargs,
     ):
-        check_positive_int("segment_len", segment_len)
-        if (
-            isinstance(sampling_factor, bool)
-            or not isinstance(sampling_factor, numbers.Real)
-            or not 1 < sampling_factor < segment_len
-        ):
-            raise ValueError(
-                f"Invalid sampling_factor={sampling_factor!r}: expected a number in "
-                f"(1, segment_len={segment_len})."
-            )
-        if (
-            isinstance(router_loss_weight, bool)
-            or not isinstance(router_loss_weight, numbers.Real)
-            or router_loss_weight < 0
-        ):
-            raise ValueError(
-                f"Invalid router_loss_weight={router_loss_weight!r}: expected a number >= 0."
-            )
-        self.sampling_factor = sampling_factor
+        segment_len = validation.positive_int("segment_len", segment_len)
+        self.sampling_factor = validation.sampling_factor(sampling_factor, segment_len)
         self.capacity = segment_capacity(segment_len, sampling_factor)
-        self.router_loss_weight = float(router_loss_weight)
-        self.return_router_outputs = bool(return_router_outputs)
+        self.router_loss_weight = float(
+            validation.non_negative_real("router_loss_weight", router_loss_weight)
+        )
+        self.return_router_outputs = validation.boolean(
+            "return_router_outputs", return_router_outputs
+        )
         super().__init__(
             dim_input,
             dim_hidden,
@@ -156,14 +143,28 @@ class MoDInfiniTransformer(InfiniTransformer):
         self.router.build((None, None, self.dim_input))
 
     def call(self, inputs, mask=None, initial_state=None, training=None, return_state=None):
+        mask = validation.sequence_tensor("mask", mask, inputs)
+        initial_state = validation.state(
+            initial_state, inputs, self.num_heads, self.dim_key, self.dim_value
+        )
         seg, k = self.segment_len, self.capacity
         if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(inputs.dtype)):
             inputs = ops.cast(inputs, self.compute_dtype)  # integer inputs, as in attention
         length = segment_ops.static_or_dynamic_dim(inputs, 1)
+        if isinstance(length, int) and length < seg:
+            # One short segment: the same routing as padding it to `segment_len` (padding
+            # never competes), with work bounded by the real length.
+            seg, k = max(length, 1), min(k, max(length, 1))
 
-        logits = self.router(inputs)  # (b, L, 1)
+        # Masked tokens enter nothing (router, block, gradients) whatever their value: they
+        # are selected away at the source and pass through to the output unchanged.
+        clean = inputs
+        if mask is not None:
+            keep = ops.cast(mask, "bool")[..., None]
+            clean = ops.where(keep, inputs, ops.zeros_like(inputs))
+        logits = self.router(clean)  # (b, L, 1)
         valid = segment_ops.fold(segment_ops.valid_tokens(inputs, mask, seg), seg)
-        x = segment_ops.fold(segment_ops.pad_to_segments(inputs, seg), seg)  # (b, n, S, D)
+        x = segment_ops.fold(segment_ops.pad_to_segments(clean, seg), seg)  # (b, n, S, D)
         r = segment_ops.fold(segment_ops.pad_to_segments(logits[..., 0], seg), seg)
 
         if training:
@@ -182,9 +183,13 @@ class MoDInfiniTransformer(InfiniTransformer):
             training=training,
         )
         y_sel = segment_ops.fold(y_sel, k)
-        update = ops.sigmoid(r_sel)[..., None] * (y_sel - x_sel)
+        # Unused slots may hold a masked token (any value): selected away, not multiplied.
+        used = (slot_valid > 0)[..., None]
+        update = ops.where(used, ops.sigmoid(r_sel)[..., None] * (y_sel - x_sel), 0.0)
         outputs = x + routing.scatter_slots(update, indices, selected)
         outputs = segment_ops.trim(segment_ops.unfold(outputs), length)
+        if mask is not None:
+            outputs = ops.where(keep, outputs, inputs)
 
         selection = segment_ops.trim(segment_ops.unfold(selected), length)  # (b, L)
         if training and self.router_loss_weight > 0:
@@ -192,6 +197,8 @@ class MoDInfiniTransformer(InfiniTransformer):
 
         extras = []
         if self.return_router_outputs:
+            if mask is not None:  # report the router's logit of every token, masked too
+                logits = self.router(inputs)
             extras = [ops.reshape(selection, (-1, 1)), ops.reshape(logits, (-1, 1))]
         return self.pack_outputs(outputs, extras, memory, norm, return_state)
 
@@ -202,8 +209,14 @@ class MoDInfiniTransformer(InfiniTransformer):
         # Stable BCE from logits: max(r, 0) - r * y + log(1 + exp(-|r|)).
         bce = ops.relu(logits) - logits * target + ops.log1p(ops.exp(-ops.abs(logits)))
         # Mean over real tokens; an empty batch (or all tokens masked) gives 0, not 0/0.
-        weight = ops.ones_like(bce) if mask is None else ops.cast(mask, "float32")
-        loss = ops.sum(bce * weight) / ops.maximum(ops.sum(weight), 1.0)
+        # Masked tokens are selected away (their logit may be NaN), not multiplied by 0.
+        if mask is None:
+            total, count = ops.sum(bce), ops.cast(ops.size(bce), "float32")
+        else:
+            keep = ops.cast(mask, "bool")
+            total = ops.sum(ops.where(keep, bce, ops.zeros_like(bce)))
+            count = ops.sum(ops.cast(keep, "float32"))
+        loss = total / ops.maximum(count, 1.0)
         return self.router_loss_weight * loss
 
     def extra_output_specs(self, input_shape):

@@ -2,11 +2,15 @@
 
 Tensors use the folded layout `(batch, num_segments, heads, segment_len, dim)`, so every
 segment is attended to in one batched einsum: no loop over segments.
+
+Isolation: a key a query may not see (masked, padding, or later in a causal segment)
+reaches the query's output through selects only, never through a product with a zero
+weight (`0 * nan = nan`), so its value cannot change the output whatever it is. The
+logits are float32 under every dtype policy (queries and keys are cast before `QK^T`: a
+float16 product overflows at 65504 before any later cast could help).
 """
 
 from keras import ops
-
-from keras_infini.ops import loops
 
 # Finite "minus infinity" for masked logits. The scores are float32 when it is applied, and
 # it must lie below every real score: with -3e4, inputs of magnitude ~1e3 gave real scores
@@ -14,96 +18,80 @@ from keras_infini.ops import loops
 _MASKED_LOGIT = -1.0e30
 
 
-def attention_mask(key_valid, causal, segment_len=None):
+def attention_mask(key_valid, causal, segment_len):
     """Boolean mask broadcastable to `(batch, n, heads, S, S)` (query axis -2, key axis -1).
 
-    `key_valid` is a float or bool `(batch, n, S)` tensor (1 where the key may be
-    attended), or `None` when every key is valid: then the mask is the `(1, 1, 1, S, S)`
-    causal triangle (`segment_len` gives `S`), or `None` when not `causal` either. Keeping
-    all-valid inputs free of a `(batch, L)` mask matters under XLA: a mask built from
-    constant ones was constant-folded at compile time, which took ~30 s at 64K tokens.
+    `key_valid` is a bool `(batch, n, S)` tensor (True where the key may be attended), or
+    `None` when every key is valid: then the mask is the `(1, 1, 1, S, S)` causal triangle,
+    or `None` when not `causal` either. Keeping all-valid inputs free of a `(batch, L)`
+    mask matters under XLA: a mask built from constant ones was constant-folded at compile
+    time, which took ~30 s at 64K tokens.
     """
     mask = None
     if key_valid is not None:
         mask = ops.cast(key_valid, "bool")[:, :, None, None, :]
     if causal:
-        seg = segment_len if key_valid is None else key_valid.shape[-1]
-        if seg is None:
-            seg = ops.shape(key_valid)[-1]
-        rows = ops.arange(seg)[:, None]
-        cols = ops.arange(seg)[None, :]
+        rows = ops.arange(segment_len)[:, None]
+        cols = ops.arange(segment_len)[None, :]
         triangle = (cols <= rows)[None, None, None, :, :]
         mask = triangle if mask is None else ops.logical_and(mask, triangle)
     return mask
 
 
-def local_attention(query, key, value, mask):
+def _sees_non_finite_value(value, key_valid, causal):
+    """Bool `(batch, n, heads, S, 1)`: the query attends to a key whose value is not finite.
+
+    `O(S)` per segment instead of an `(S, S)` pass: a causal query at position `q` sees a
+    bad key iff a visible bad key lies at `<= q` (a running count along the segment).
+    """
+    bad = ops.logical_not(ops.all(ops.isfinite(value), axis=-1))  # (b, n, h, S)
+    if key_valid is not None:
+        bad = ops.logical_and(bad, ops.cast(key_valid, "bool")[:, :, None, :])
+    if not causal:
+        return ops.any(bad, axis=-1, keepdims=True)[..., None]  # (b, n, h, 1, 1)
+    return (ops.cumsum(ops.cast(bad, "int32"), axis=-1) > 0)[..., None]
+
+
+def local_attention(query, key, value, key_valid, causal):
     """Softmax attention within each segment.
 
     Args:
         query, key: `(batch, n, heads, S, dim_key)`, already rotated if positions apply.
         value: `(batch, n, heads, S, dim_value)`.
-        mask: boolean, broadcastable to `(batch, n, heads, S, S)` (query, key), or
-            `None` (every query attends to every key of its segment).
+        key_valid: bool `(batch, n, S)` (True: the key may be attended) or `None` (all).
+        causal: a query attends only to keys at its position or before.
 
     Returns:
         `(batch, n, heads, S, dim_value)` in the dtype of `value`. A query with no key to
-        attend to gets 0 (not NaN) in the output and in the gradients.
+        attend to gets 0 (not NaN) in the output and in the gradients. A query that sees a
+        non-finite value gets NaN; one that does not see it is unaffected.
     """
+    segment_len = query.shape[-2]
+    if segment_len is None:
+        segment_len = ops.shape(query)[-2]
     dim_key = query.shape[-1]
+    mask = attention_mask(key_valid, causal, segment_len)
+    if segment_len == 1:
+        # One token per segment (e.g. a one-token call): it attends to itself if valid.
+        if key_valid is None:
+            return value
+        keep = ops.cast(key_valid, "bool")[:, :, None, :, None]
+        return ops.where(keep, value, ops.zeros_like(value))
     # The scale goes on the queries (S x dk) rather than the scores (S x S): one fewer
     # elementwise pass over the largest tensor, which dominates on eager torch.
-    query = ops.multiply(query, ops.cast(1.0 / float(dim_key) ** 0.5, query.dtype))
-    scores = ops.einsum("bnhqd,bnhkd->bnhqk", query, key)
-    # Softmax in float32: stable under mixed precision and exact for masked logits.
-    scores = ops.cast(scores, "float32")
+    query = ops.cast(query, "float32") * (1.0 / float(dim_key) ** 0.5)
+    scores = ops.einsum("bnhqd,bnhkd->bnhqk", query, ops.cast(key, "float32"))
     if mask is None:
         return ops.matmul(ops.cast(ops.softmax(scores, axis=-1), value.dtype), value)
     scores = ops.where(mask, scores, _MASKED_LOGIT)
     probs = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
+    # A zero probability times a non-finite value is NaN: the matmul gets the finite part
+    # of the values, and the queries that really see a non-finite value get NaN back.
+    finite = ops.isfinite(value)
+    attended = ops.matmul(probs, ops.where(finite, value, ops.zeros_like(value)))
+    sees_bad = _sees_non_finite_value(value, key_valid, causal)
+    attended = ops.where(sees_bad, ops.cast(float("nan"), attended.dtype), attended)
     # Rows whose keys are all masked received a uniform softmax over _MASKED_LOGIT; zero
     # their output (S x dv, cheaper than zeroing the S x S probabilities; same gradients).
-    has_key = ops.cast(ops.any(mask, axis=-1, keepdims=True), value.dtype)
-    return ops.multiply(ops.matmul(probs, value), has_key)
-
-
-def grouped_local_attention(query, key, value, key_valid, causal, group_segments):
-    """`local_attention` over groups of `group_segments` segments at a time.
-
-    Folding every segment of a long input into one batch makes the `(S, S)` score tensors
-    of all segments live at once (hundreds of MB at 64K tokens), so long inputs become
-    memory-bound. Mapping over fixed-size groups with `ops.map` keeps the working set
-    constant: `tf.map_fn` (TensorFlow, differentiable under XLA: it bounds its loop),
-    `lax.map` (JAX) or a loop over `unstack`ed groups (torch, `loops.map`). Inputs of at most one group take the direct path.
-
-    Args:
-        query, key, value: `(batch, n, heads, S, dim)`.
-        key_valid: float 0/1 `(batch, n, S)`, or `None` (every key valid).
-        causal: causal mask inside each segment.
-        group_segments: segments per group (a Python int), or `None`: no grouping.
-    """
-    n = query.shape[1]
-    seg = query.shape[-2]
-    if n is None or group_segments is None or n <= group_segments:
-        return local_attention(query, key, value, attention_mask(key_valid, causal, seg))
-    groups = -(-n // group_segments)
-    pad = groups * group_segments - n
-
-    def to_groups(t):
-        if pad:
-            filler = ops.zeros_like(t[:, :pad])
-            t = ops.concatenate([t, filler], axis=1)
-        shape = [ops.shape(t)[0], groups, group_segments] + list(t.shape[2:])
-        return ops.moveaxis(ops.reshape(t, shape), 1, 0)
-
-    if key_valid is None:
-        key_valid = ops.ones(ops.shape(query)[:2] + (seg,), dtype="float32")
-
-    def attend(parts):
-        q, k, v, valid = parts
-        return local_attention(q, k, v, attention_mask(valid, causal, seg))
-
-    out = loops.map(attend, tuple(to_groups(t) for t in (query, key, value, key_valid)))
-    out = ops.moveaxis(out, 0, 1)  # (batch, groups, G, heads, S, dv)
-    out = ops.reshape(out, [ops.shape(out)[0], groups * group_segments] + list(out.shape[3:]))
-    return out[:, :n] if pad else out
+    has_key = ops.any(mask, axis=-1, keepdims=True)
+    return ops.where(has_key, attended, ops.zeros_like(attended))

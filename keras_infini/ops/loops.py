@@ -63,9 +63,32 @@ def scan(f, init, xs, axis=0):
     return carry, ys
 
 
-def map(f, xs):  # noqa: A001 - mirrors keras.ops.map
-    """`ops.map(f, xs)`; on torch the `torch_unbind_scan` loop."""
-    if _use_unbind():
-        _, ys = torch_unbind_scan(lambda carry, x: (carry, f(x)), (), xs)
-        return ys
-    return ops.map(f, xs)
+# Tokens per group of the whole-layer group loop (`CompressiveMemory(group_tokens="auto")`),
+# per backend, from benchmarks/bench_attention.py on a 2-core CPU (README "Performance"):
+# PyTorch's smaller groups keep each group's attention scores under glibc's 32 MiB `mmap`
+# threshold at batch 2, 4 heads, segments of 256.
+_AUTO_GROUP_TOKENS = {"torch": 2048}
+_DEFAULT_GROUP_TOKENS = 4096
+
+
+def check_group_tokens(value):
+    """Validates a `group_tokens` argument: `"auto"`, `None` (no grouping) or a positive int."""
+    if value is None or value == "auto":
+        return value
+    from keras_infini import validation
+
+    try:
+        return validation.positive_int("group_tokens", value)
+    except ValueError:
+        raise ValueError(
+            f"Invalid group_tokens={value!r}: expected 'auto', None or a positive integer."
+        ) from None
+
+
+def group_segments(group_tokens, segment_len):
+    """Segments per group for `group_tokens` (`"auto"` resolved per backend), or None."""
+    if group_tokens == "auto":
+        group_tokens = _AUTO_GROUP_TOKENS.get(backend.backend(), _DEFAULT_GROUP_TOKENS)
+    if group_tokens is None:
+        return None
+    return max(1, group_tokens // segment_len)

@@ -28,58 +28,17 @@ def sigma(x):
     return ops.elu(ops.cast(x, "float32")) + 1.0
 
 
-# Block size of the blocked exclusive cumsum used for static segment counts (it recurses
-# on the block totals, so any static count works).
-_BLOCK = 16
-
-
 def exclusive_cumsum(x):
     """Cumulative sum over axis 1 that excludes the current entry.
 
-    Not `cumsum(x) - x`: TF's graph optimiser folded `(cumsum(x) - x) + eps` so the epsilon
-    vanished; a shifted or strictly triangular sum has no cancellation.
-
-    With a static axis-1 length the sum is blocked: a strictly lower-triangular
-    `(16, 16)` matmul inside blocks of 16 entries plus an exclusive cumsum of the block
-    totals (recursively). That is ~2*16 flops per element, and on TensorFlow/XLA it
-    measured ~10% faster for a whole CompressiveMemory train step at 64K tokens than
-    `tf.cumsum`, which XLA lowers to a `reduce_window` (see benchmarks/bench_attention.py).
-    Dynamic lengths use `ops.cumsum` of the shifted input.
+    A cumulative sum of the input shifted by one entry: entry `i` is a sum of entries
+    `< i` only, so a non-finite later entry cannot reach an earlier one. (A triangular
+    matmul would multiply later entries by 0, and `0 * nan = nan`.) Not `cumsum(x) - x`
+    either: TF's graph optimiser folded `(cumsum(x) - x) + eps` so the epsilon vanished,
+    and the subtraction would let a later `inf` cancel into `nan`.
     """
-    n = x.shape[1]
-    if n is None:
-        shifted = ops.concatenate([ops.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
-        return ops.cumsum(shifted, axis=1)
-    return _blocked_exclusive_cumsum(x)
-
-
-def _strict_lower(size, dtype):
-    rows = ops.arange(size)[:, None]
-    cols = ops.arange(size)[None, :]
-    return ops.cast(cols < rows, dtype)
-
-
-def _blocked_exclusive_cumsum(x):
-    n = x.shape[1]
-    batch = ops.shape(x)[0]
-    rest = list(x.shape[2:])
-    # A static width, not -1: reshaping a zero-size tensor (batch 0) with -1 fails.
-    width = math.prod(rest) if all(d is not None for d in rest) else -1
-    flat = ops.reshape(x, (batch, n, width))
-    if n <= _BLOCK:
-        out = ops.einsum("mn,bnx->bmx", _strict_lower(n, x.dtype), flat)
-        return ops.reshape(out, [batch, n] + rest)
-    blocks = -(-n // _BLOCK)
-    pad = blocks * _BLOCK - n
-    if pad:
-        flat = ops.concatenate([flat, ops.zeros_like(flat[:, :pad])], axis=1)
-    if width == -1:
-        width = ops.shape(flat)[-1]
-    grouped = ops.reshape(flat, (batch, blocks, _BLOCK, width))
-    inside = ops.einsum("mn,bcnx->bcmx", _strict_lower(_BLOCK, x.dtype), grouped)
-    before_block = _blocked_exclusive_cumsum(ops.sum(grouped, axis=2))  # (b, blocks, x)
-    out = ops.reshape(inside + before_block[:, :, None], (batch, blocks * _BLOCK, width))
-    return ops.reshape(out[:, :n], [batch, n] + rest)
+    shifted = ops.concatenate([ops.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+    return ops.cumsum(shifted, axis=1)
 
 
 def segment_norm_updates(sigma_k):

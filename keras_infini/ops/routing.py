@@ -89,4 +89,5 @@ def scatter_slots(slot_values, indices, selected):
     slot = ops.cumsum(ops.cast(selected, "int32"), axis=-1) - 1
     slot = ops.clip(slot, 0, k - 1)
     gathered = ops.take_along_axis(slot_values, slot[..., None], axis=2)
-    return gathered * ops.cast(selected, slot_values.dtype)[..., None]
+    # A select, not a product with 0: an unselected token's slot may hold any value.
+    return ops.where(ops.cast(selected, "bool")[..., None], gathered, ops.zeros_like(gathered))

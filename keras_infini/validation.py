@@ -1,0 +1,134 @@
+"""Argument validation shared by every keras_infini layer: one rule per argument kind.
+
+Every check raises a `ValueError` that names the argument, repeats the value it got and
+says what is allowed, and returns the value as a plain Python object (so `get_config()`
+stays JSON-serialisable). Nothing is coerced silently: `"False"`, `0` or `2` are not
+booleans, `nan` and `inf` are not sizes or rates.
+"""
+
+import math
+import numbers
+
+import numpy as np
+
+# Upper bound of every size argument (widths, heads, segment lengths, vocabularies).
+# Larger values are refused at construction instead of ending in a backend
+# out-of-memory error: 2**20 already means a 1M-wide projection.
+MAX_SIZE = 2**20
+
+
+def positive_int(name, value, allow_none=False, maximum=MAX_SIZE):
+    """A positive integer `<= maximum` (or `None` when `allow_none`)."""
+    if value is None and allow_none:
+        return None
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Integral)
+        or not 0 < value <= maximum
+    ):
+        allowed = f"a positive integer <= {maximum}" + (" or None" if allow_none else "")
+        raise ValueError(f"Invalid {name}={value!r}: expected {allowed}.")
+    return int(value)
+
+
+def boolean(name, value):
+    """A real boolean (`True`/`False`, NumPy booleans included), nothing truthy."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"Invalid {name}={value!r}: expected True or False.")
+    return bool(value)
+
+
+def real(name, value, condition=lambda v: True, allowed="a finite real number",
+         allow_none=False):
+    """A finite real number that satisfies `condition` (or `None` when `allow_none`)."""
+    if value is None and allow_none:
+        return None
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or not condition(value)
+    ):
+        raise ValueError(f"Invalid {name}={value!r}: expected {allowed}.")
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def positive_real(name, value):
+    return real(name, value, lambda v: v > 0, "a finite number greater than 0")
+
+
+def non_negative_real(name, value):
+    return real(name, value, lambda v: v >= 0, "a finite number >= 0")
+
+
+def rate(name, value):
+    """A dropout-like rate in `[0, 1)`."""
+    return real(name, value, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def choice(name, value, options):
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"Invalid {name}={value!r}: expected one of {tuple(options)}.")
+    return value
+
+
+def sampling_factor(value, segment_len=None, allow_none=False):
+    """MoD sampling factor: a finite number `> 1` (and `< segment_len` when given)."""
+    if segment_len is None:
+        return real("sampling_factor", value, lambda v: v > 1,
+                    "None or a number greater than 1" if allow_none
+                    else "a number greater than 1", allow_none=allow_none)
+    return real("sampling_factor", value, lambda v: 1 < v < segment_len,
+                f"a number in (1, segment_len={segment_len})", allow_none=allow_none)
+
+
+# ---------------------------------------------------------------------- call arguments
+def _shape(x):
+    return tuple(x.shape)
+
+
+def _dims_match(got, expected):
+    """Static dimensions agree (a `None` on either side is not checked)."""
+    return got is None or expected is None or int(got) == int(expected)
+
+
+def sequence_tensor(name, value, inputs):
+    """A `(batch, seq_len)` tensor aligned with `inputs` `(batch, seq_len, ...)`.
+
+    Used for `mask` and `positions`: a wrong rank, batch or length is a `ValueError`
+    naming the argument, never a tail silently treated as masked or position 0.
+    """
+    if value is None:
+        return None
+    shape = _shape(value)
+    batch, length = inputs.shape[0], inputs.shape[1]
+    if len(shape) != 2 or not (_dims_match(shape[0], batch) and _dims_match(shape[1], length)):
+        raise ValueError(
+            f"Invalid {name} with shape {shape}: expected (batch, seq_len) = "
+            f"({batch}, {length}), matching inputs of shape {_shape(inputs)}."
+        )
+    return value
+
+
+def state(value, inputs, num_heads, dim_key, dim_value, name="initial_state"):
+    """`(memory (batch, heads, dim_key, dim_value), norm (batch, heads, dim_key))`."""
+    if value is None:
+        return None
+    batch = inputs.shape[0]
+    expected = ((batch, num_heads, dim_key, dim_value), (batch, num_heads, dim_key))
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(
+            f"Invalid {name}={type(value).__name__}: expected a pair (memory, norm) with "
+            f"shapes {expected[0]} and {expected[1]}."
+        )
+    for part, tensor, shape in zip(("memory", "norm"), value, expected):
+        got = _shape(tensor) if hasattr(tensor, "shape") else None
+        if got is None or len(got) != len(shape) or not all(
+            _dims_match(g, e) for g, e in zip(got, shape)
+        ):
+            raise ValueError(
+                f"Invalid {name}: {part} has shape {got}, expected {shape} (batch of the "
+                f"inputs {_shape(inputs)}, num_heads={num_heads}, dim_key={dim_key}, "
+                f"dim_value={dim_value})."
+            )
+    return value
