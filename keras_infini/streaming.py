@@ -36,34 +36,73 @@ def _is_stateful(layer):
     return isinstance(layer, STATEFUL_LAYERS)
 
 
+def _nested_stateful(layer):
+    """The stateful layers inside a non-stateful `layer` (a wrapper, a nested model)."""
+    return [sub for sub in layer._flatten_layers(include_self=False, recursive=True)
+            if _is_stateful(sub)]
+
+
+def _primary_input(layer, model):
+    """The tensor `layer` consumes first in `model` (its Keras mask, if any, aside)."""
+    for node in layer._inbound_nodes:
+        if node.arguments.args and (not hasattr(model, "_operations")
+                                    or layer in model._operations):
+            return node.arguments.args[0]
+    return None
+
+
 def _chain_layers(model_or_layers):
-    """The layers of a Sequential model, a chain-shaped functional model, or a list."""
+    """The layers of a Sequential model, a chain-shaped functional model, or a list, with
+    nested chain-shaped models expanded in place."""
     if isinstance(model_or_layers, (list, tuple)):
-        return list(model_or_layers)
-    if not isinstance(model_or_layers, keras.Model):
+        layers = list(model_or_layers)
+    elif not isinstance(model_or_layers, keras.Model):
         raise ValueError(
             f"Invalid model_or_layers={model_or_layers!r}: expected a keras.Model whose "
             "layers form a chain, or a list of layers."
         )
-    layers = [
-        layer for layer in model_or_layers.layers
-        if not isinstance(layer, keras.layers.InputLayer)
-    ]
-    if not isinstance(model_or_layers, keras.Sequential):
-        previous = model_or_layers.inputs[0] if len(model_or_layers.inputs) == 1 else None
-        for layer in layers:
-            if previous is None or layer.input is not previous:
-                raise ValueError(
-                    "Streaming needs a model whose layers form a single chain (each layer "
-                    f"consumes the previous layer's output); layer {layer.name!r} does not."
-                )
-            previous = layer.output
-            if isinstance(previous, (list, tuple)):
-                raise ValueError(
-                    f"Layer {layer.name!r} returns several outputs; build the model with "
-                    "return_state=False and return_router_outputs=False to stream it."
-                )
-    return layers
+    else:
+        model = model_or_layers
+        layers = [
+            layer for layer in model.layers
+            if not isinstance(layer, keras.layers.InputLayer)
+        ]
+        if not isinstance(model, keras.Sequential):
+            previous = model.inputs[0] if len(model.inputs) == 1 else None
+            for layer in layers:
+                if previous is None or _primary_input(layer, model) is not previous:
+                    raise ValueError(
+                        "Streaming needs a model whose layers form a single chain (each "
+                        f"layer consumes the previous layer's output); layer {layer.name!r}"
+                        " does not."
+                    )
+                previous = layer.output
+                if isinstance(previous, (list, tuple)):
+                    raise ValueError(
+                        f"Layer {layer.name!r} returns several outputs; build the model "
+                        "with return_state=False and return_router_outputs=False to "
+                        "stream it."
+                    )
+    flat = []
+    for layer in layers:
+        if _is_stateful(layer):
+            flat.append(layer)
+        elif isinstance(layer, keras.Model):
+            flat.extend(_chain_layers(layer))  # a nested Sequential / functional chain
+        elif _nested_stateful(layer):
+            inner = ", ".join(repr(sub.name) for sub in _nested_stateful(layer))
+            raise ValueError(
+                f"Layer {layer.name!r} ({type(layer).__name__}) holds the stateful layers "
+                f"{inner} inside it; the Streamer cannot carry their state. Put them in the "
+                "model directly (or in a nested Sequential / functional chain)."
+            )
+        else:
+            flat.append(layer)
+    return flat
+
+
+def _takes_mask(layer):
+    return "mask" in layer.call_signature_parameters
 
 
 class Streamer:
@@ -98,20 +137,27 @@ class Streamer:
 
     def run(self, chunk, states=None, training=False):
         """Pure step: `(outputs, new_states)` for `chunk` given `states` (None: initial)."""
-        x = chunk
+        x, mask = chunk, None
         new_states = []
         states = list(states) if states is not None else None
         index = 0
         for layer in self.layers:
+            # Keras masks travel along the chain as in a functional model: passed to the
+            # layers that take one, and recomputed by the layers that support masking.
+            kwargs = {"mask": mask} if mask is not None and _takes_mask(layer) else {}
             if _is_stateful(layer):
                 state = None if states is None else states[index]
-                x, memory, norm = layer(
-                    x, initial_state=state, return_state=True, training=training
+                y, memory, norm = layer(
+                    x, initial_state=state, return_state=True, training=training, **kwargs
                 )
                 new_states.append((memory, norm))
                 index += 1
             else:
-                x = layer(x, training=training)
+                y = layer(x, training=training, **kwargs)
+            mask = layer.compute_mask(x, mask) if layer.supports_masking else None
+            if isinstance(mask, (list, tuple)):
+                mask = mask[0]
+            x = y
         return x, new_states
 
     def __call__(self, chunk, training=False):
@@ -228,6 +274,38 @@ def generate(model, prompt, steps, temperature=1.0, top_k=None, seed=None, pad_i
         raise ValueError(f"Invalid steps={steps!r}: expected an integer >= 0.")
     rng = np.random.default_rng(seed)
     streamer = Streamer(model)
+    non_causal = [layer.name for layer in streamer.layers
+                  if _is_stateful(layer) and not layer.causal]
+    if non_causal:
+        raise ValueError(
+            f"Invalid model: generate needs causal layers, but {non_causal} have "
+            "causal=False (the padded segment would be visible to them). Build the model "
+            "with causal=True."
+        )
+    embedding = next((layer for layer in streamer.layers
+                      if isinstance(layer, keras.layers.Embedding)), None)
+    if embedding is not None:
+        vocab_in = embedding.input_dim
+        if isinstance(pad_id, bool) or int(pad_id) != pad_id or not 0 <= pad_id < vocab_in:
+            raise ValueError(
+                f"Invalid pad_id={pad_id!r}: expected an integer in [0, {vocab_in}) (the "
+                f"input_dim of {embedding.name!r})."
+            )
+        if prompt.size and (prompt.min() < 0 or prompt.max() >= vocab_in):
+            raise ValueError(
+                f"Invalid prompt: token ids must lie in [0, {vocab_in}) (the input_dim of "
+                f"{embedding.name!r}); got ids from {prompt.min()} to {prompt.max()}."
+            )
+    vocab_out = None
+    if isinstance(model, keras.Model):
+        try:
+            vocab_out = model.output_shape[-1]
+        except (AttributeError, ValueError):
+            vocab_out = None
+    if top_k is not None and vocab_out is not None and top_k > vocab_out:
+        raise ValueError(
+            f"Invalid top_k={top_k!r}: expected at most the vocabulary size {vocab_out}."
+        )
     seg = streamer.segment_len
     batch = prompt.shape[0]
     step = compile_step(streamer) if compiled else _eager_step(streamer)
@@ -262,6 +340,11 @@ def generate(model, prompt, steps, temperature=1.0, top_k=None, seed=None, pad_i
 def _sample(logits, temperature, top_k, rng):
     import numpy as np
 
+    if top_k is not None and top_k > logits.shape[-1]:
+        raise ValueError(
+            f"Invalid top_k={top_k!r}: expected at most the vocabulary size "
+            f"{logits.shape[-1]}."
+        )
     if temperature == 0:
         return logits.argmax(-1).astype("int32")
     logits = logits / temperature
