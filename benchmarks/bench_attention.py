@@ -38,7 +38,7 @@ cm-linear,cm-delta,mha), `--repeats` (default 3), `--timeout` per configuration 
 `--rope`, `--json PATH` (raw results), `--keras-default-compile` (`jit_compile="auto"`,
 which on TensorFlow without a GPU means no XLA), `--malloc-tuning` (children run with glibc malloc
 keeping freed memory, see `GLIBC_MALLOC_TUNING`), `--group-tokens` ("auto", "none" or a
-number: `CompressiveMemory.attention_group_tokens`, to tune the group size). FLOP
+number: `CompressiveMemory(group_tokens=...)`, to tune the group size). FLOP
 conventions are documented in `_common.py`.
 """
 
@@ -103,7 +103,7 @@ def forward_flops(layer_name, length):
 
 def build_model(layer_name, length, rope, group_tokens="auto"):
     """`keras.Model`: `Input((length, DIM))` -> the layer under test. `group_tokens` sets
-    `CompressiveMemory.attention_group_tokens` ("auto", None or a number of tokens)."""
+    `CompressiveMemory(group_tokens=...)` ("auto", None or a number of tokens)."""
     import keras
 
     inputs = keras.Input((length, DIM), name="x")
@@ -122,9 +122,9 @@ def build_model(layer_name, length, rope, group_tokens="auto"):
             update=layer_name.split("-", 1)[1],
             causal=True,
             positional_embedder="rope" if rope else None,
+            group_tokens=group_tokens,
             name=layer_name.replace("-", "_"),
         )
-        layer.attention_group_tokens = group_tokens
         outputs = layer(inputs)
     return keras.Model(inputs, outputs, name=f"bench_{layer_name.replace('-', '_')}")
 
@@ -346,7 +346,7 @@ def header_lines(records, args):
             if args.malloc_tuning
             else "default (glibc defaults unless the environment sets MALLOC_*)"
         ),
-        f"CompressiveMemory attention_group_tokens: {args.group_tokens}"
+        f"CompressiveMemory group_tokens: {args.group_tokens}"
         + (" (per-backend default)" if args.group_tokens == "auto" else ""),
         "train step = forward + backward + SGD update (train_on_batch); "
         "compile+first step = first train_on_batch call, including compilation.",
@@ -498,7 +498,7 @@ def parse_args(argv=None):
                         help='compile with jit_compile="auto" (Keras\' default: no XLA for '
                              "TensorFlow on CPU) instead of True")
     parser.add_argument("--group-tokens", type=group_tokens_arg, default="auto",
-                        help='CompressiveMemory.attention_group_tokens: "auto" (default), '
+                        help='CompressiveMemory(group_tokens=...): "auto" (default), '
                              '"none" (one batch) or a number of tokens')
     # Internal: run one configuration and print its result line.
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

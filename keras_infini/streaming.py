@@ -21,10 +21,12 @@ Example:
 True
 """
 
-import contextlib
 import math
 
 import keras
+
+from keras_infini import validation
+from keras_infini.ops import backend as fast_paths
 
 from keras_infini.layers.compressive_memory import CompressiveMemory
 from keras_infini.layers.infini_transformer import InfiniTransformer
@@ -113,6 +115,10 @@ class Streamer:
             a chain (e.g. `Embedding -> blocks -> Dense`), or a list of layers. Layers that
             are `CompressiveMemory`, `InfiniTransformer` or `MoDInfiniTransformer` carry
             state; the others are applied per chunk.
+        compiled: run inference chunks through a step compiled once per chunk shape
+            (default; `jax.jit` reading the current weights at every call on JAX,
+            `tf.function` on TensorFlow, eager without autograd on torch). `False` runs
+            eagerly, for debugging. Training chunks (`training=True`) always run eagerly.
 
     Call `streamer(chunk)` for each chunk in order; `reset()` starts a new stream. For
     outputs identical to one call on the whole input, every chunk but the last must be a
@@ -120,7 +126,9 @@ class Streamer:
     lengths). Memory use does not depend on how many chunks have been seen.
     """
 
-    def __init__(self, model_or_layers):
+    def __init__(self, model_or_layers, compiled=True):
+        self.compiled = validation.boolean("compiled", compiled)
+        self._step = None
         self.layers = _chain_layers(model_or_layers)
         stateful = [layer for layer in self.layers if _is_stateful(layer)]
         if not stateful:
@@ -160,12 +168,24 @@ class Streamer:
             x = y
         return x, new_states
 
+    @property
+    def variables(self):
+        """Every variable of the streamed layers (what a compiled step reads)."""
+        seen, variables = set(), []
+        for layer in self.layers:
+            for variable in layer.variables:
+                if id(variable) not in seen:
+                    seen.add(id(variable))
+                    variables.append(variable)
+        return variables
+
     def __call__(self, chunk, training=False):
         if training:
             outputs, self.states = self.run(chunk, self.states, training=True)
-        else:
-            with _no_grad():
-                outputs, self.states = self.run(chunk, self.states)
+            return outputs
+        if self._step is None:
+            self._step = compile_step(self) if self.compiled else _eager_step(self)
+        outputs, self.states = self._step(chunk, self.states)
         return outputs
 
 
@@ -182,46 +202,21 @@ def stream(model_or_layers, chunks, training=False):
         yield streamer(chunk, training=training)
 
 
-def _no_grad():
-    """Torch fast path: no autograd graph during inference (`contextlib.nullcontext` else).
-
-    Without it every streamed chunk under `KERAS_BACKEND=torch` would record the autograd
-    graph of the whole step and keep its activations alive until the outputs are dropped.
-    """
-    if keras.backend.backend() == "torch":
-        import torch
-
-        return torch.no_grad()
-    return contextlib.nullcontext()
-
-
 def compile_step(streamer):
-    """`step(chunk, states) -> (outputs, new_states)`: `streamer.run`, compiled once per shape.
-
-    Backend fast paths (inference only, weights read as they are when traced on JAX):
-    `jax.jit` on JAX, `tf.function` on TensorFlow, eager under `torch.no_grad()` on torch;
-    any other backend runs `streamer.run` eagerly. `states=None` (the first step) is a
-    second trace.
-    """
+    """`step(chunk, states) -> (outputs, new_states)`: `streamer.run` for inference,
+    compiled once per chunk shape (`keras_infini.ops.backend.compile_inference`: `jax.jit`
+    reading the current weights at every call, `tf.function`, eager under
+    `torch.no_grad()` on torch). `states=None` (the first step) is a second trace."""
     def step(chunk, states):
         return streamer.run(chunk, states, training=False)
 
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        return jax.jit(step)
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(step, reduce_retracing=True)
-    return _eager_step(streamer)
+    return fast_paths.compile_inference(step, streamer.variables)
 
 
 def _eager_step(streamer):
     """`streamer.run` for inference, eagerly (no torch autograd graph)."""
     def step(chunk, states):
-        with _no_grad():
+        with fast_paths.no_grad():
             return streamer.run(chunk, states, training=False)
 
     return step

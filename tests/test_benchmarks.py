@@ -47,7 +47,7 @@ def test_bench_attention_runs_one_grouped_configuration(bench, tmp_path, capsys)
     assert result["forward_finite"] and result["losses_finite"]
     assert result["train_s"] > 0 and result["forward_s"] > 0
     printed = capsys.readouterr().out
-    assert "attention_group_tokens: 256" in printed
+    assert "group_tokens: 256" in printed
     assert "| cm-delta" in printed
 
 

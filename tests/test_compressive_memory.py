@@ -223,10 +223,6 @@ def test_delta_scan_and_associative_agree():
     s_before, s_final = memory_ops.delta_memory_states(sk, v, z_before, m0, "scan")
     np.testing.assert_allclose(to_numpy(a_before), to_numpy(s_before), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(to_numpy(a_final), to_numpy(s_final), rtol=1e-4, atol=1e-4)
-    if BACKEND == "tensorflow":  # the TF fast path for a dynamic number of segments
-        w_before, w_final = memory_ops.delta_memory_states(sk, v, z_before, m0, "tf_while")
-        np.testing.assert_allclose(to_numpy(w_before), to_numpy(s_before), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(to_numpy(w_final), to_numpy(s_final), rtol=1e-5, atol=1e-5)
 
 
 def test_weights_and_initial_values():

@@ -149,32 +149,37 @@ def test_loops_scan_matches_numpy_values_and_gradients(n, axis):
     np.testing.assert_allclose(grad, numeric, rtol=2e-3, atol=2e-3)
 
 
-def test_tf_while_scan_differentiates_under_xla():
-    """The TF fast path compiles and differentiates with `jit_compile=True`, matching the
-    eager `keras.ops.scan` fallback."""
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_fast_scan_differentiates_under_jit(dynamic):
+    """The backend fast path (`keras_infini.ops.backend.scan`; TF: bounded while loop)
+    compiles and differentiates under jit, for a static and (TF graph) a dynamic number of
+    steps, matching the eager `keras.ops.scan` fallback."""
+    from keras_infini.ops import backend as fast_paths
+
     if keras.backend.backend() != "tensorflow":
-        pytest.skip("TensorFlow fast path")
+        pytest.skip("the TF fast path; torch's is covered by the loops.scan tests")
     import tensorflow as tf
 
-    from keras_infini.ops import _tf_scan
-
     rng = np.random.default_rng(0)
-    xs = tf.constant(rng.standard_normal((5, 2, 3)).astype("float32"))
+    xs_value = rng.standard_normal((5, 2, 3)).astype("float32")
     w = tf.Variable(rng.standard_normal((3, 3)).astype("float32") * 0.5)
 
     def step(h, x):
         h = tf.tanh(h @ w + x)
         return h, h * 2.0
 
-    def loss_with(scan):
+    def loss_with(scan, xs):
         with tf.GradientTape() as tape:
             h, ys = scan(step, tf.zeros((2, 3)), xs)
             loss = tf.reduce_sum(ys) + tf.reduce_sum(h)
         return loss, tape.gradient(loss, w)
 
-    fast = tf.function(lambda: loss_with(_tf_scan.while_scan), jit_compile=True)()
-    slow = loss_with(keras.ops.scan)
+    spec = tf.TensorSpec((None if dynamic else 5, 2, 3), "float32")
+    compiled = tf.function(lambda xs: loss_with(fast_paths.scan, xs), jit_compile=True,
+                           input_signature=[spec])
+    fast = compiled(tf.constant(xs_value))
+    slow = loss_with(keras.ops.scan, tf.constant(xs_value))
     np.testing.assert_allclose(fast[0].numpy(), slow[0].numpy(), rtol=1e-5)
     np.testing.assert_allclose(fast[1].numpy(), slow[1].numpy(), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="static leading axis"):
-        _tf_scan.while_scan(step, tf.zeros((2, 3)), xs[:0])
+    with pytest.raises(ValueError, match="at least one step"):
+        fast_paths.scan(step, tf.zeros((2, 3)), tf.constant(xs_value[:0]))

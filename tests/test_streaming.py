@@ -108,3 +108,32 @@ def test_streamer_inference_records_no_autograd_graph():
     trained = Streamer(model)(np.zeros((1, 8), "int32"), training=True)
     if keras.backend.backend() == "torch":
         assert trained.requires_grad
+
+
+def test_streamer_compiles_its_inference_step_by_default():
+    """The step is traced once per chunk shape (and once more for the first, stateless
+    chunk) on JAX and TensorFlow; eager on torch. It reads the weights as they are now."""
+    from keras_infini import InfiniTransformer
+    from keras_infini.streaming import Streamer
+
+    model = keras.Sequential([keras.Input((None, 8)),
+                              InfiniTransformer(8, 16, 4, 4, 2, "gelu", 4, causal=True,
+                                                update="delta")])
+    streamer = Streamer(model)
+    assert streamer.compiled
+    calls = []
+    run = streamer.run
+    streamer.run = lambda *args, **kwargs: calls.append(1) or run(*args, **kwargs)
+    x = np.random.default_rng(0).normal(size=(1, 20, 8)).astype("float32")
+    parts = [to_numpy(streamer(x[:, i:i + 4])) for i in range(0, 20, 4)]
+    np.testing.assert_allclose(np.concatenate(parts, 1), to_numpy(model(x)), atol=1e-5)
+    assert len(calls) == (5 if keras.backend.backend() == "torch" else 2)
+    # Weights changed after compiling are seen by the next call.
+    streamer.reset()
+    for weight in model.weights:
+        weight.assign(weight * 0.5)
+    np.testing.assert_allclose(to_numpy(streamer(x[:, :4])), to_numpy(model(x[:, :4])),
+                               atol=1e-5)
+    eager = Streamer(model, compiled=False)
+    np.testing.assert_allclose(to_numpy(eager(x[:, :4])), to_numpy(model(x[:, :4])),
+                               atol=1e-5)

@@ -15,7 +15,6 @@ retrieval for every segment is one batched einsum, plus the state after the last
 
 import math
 
-from keras import backend
 from keras import ops
 
 from keras_infini.ops import loops
@@ -158,34 +157,20 @@ def delta_memory_states_associative(sigma_k, value, norm_before, memory0):
     return before, offset[:, -1]
 
 
-def delta_memory_states(sigma_k, value, norm_before, memory0, method="auto"):
-    """Delta-rule memory states, choosing the fastest correct method for the backend.
+def delta_memory_states(sigma_k, value, norm_before, memory0, method="scan"):
+    """Delta-rule memory states.
 
-    `method="auto"`: TensorFlow uses a bounded `tf.while_loop` (`_tf_delta`), because
-    `ops.scan` lowers to a `tf.while_loop` that XLA cannot differentiate (`jit_compile=True`,
-    the default on GPU). It measured faster than the associative scan on a 2-core CPU
-    (CompressiveMemory train step, segments of 256, groups of 4096 tokens: 0.181 s vs
-    0.219 s at 4K tokens, 3.67 s vs 3.89 s at 64K), which does `dk^2*(dk+dv)*log n` FLOPs
-    per segment against `S*dk*dv` for the recurrence. JAX and torch use the sequential
-    scan for the same reason; its per-step overhead is small there (XLA while loop, eager
-    torch kernels). `method="associative"` (log-depth, static segment count) and
-    `"scan"` stay available and are tested against each other.
+    `method="scan"` (default): the sequential recurrence through `loops.scan` (fewest
+    FLOPs; a bounded `tf.while_loop` on TensorFlow, differentiable under XLA).
+    `method="associative"`: the log-depth parallel scan of the affine maps (static segment
+    count; `dk^2 (dk + dv) log n` FLOPs per segment against `S dk dv`, slower on a 2-core
+    CPU: train step 0.219 s vs 0.181 s at 4K tokens). Both are tested against each other.
     """
-    if method == "auto":
-        method = "tf_while" if backend.backend() == "tensorflow" else "scan"
-    if method == "tf_while":
-        from keras_infini.ops import _tf_delta
-
-        return _tf_delta.delta_memory_states_while(
-            sigma_k, value, norm_before, memory0, _delta_step
-        )
     if method == "associative":
         return delta_memory_states_associative(sigma_k, value, norm_before, memory0)
     if method == "scan":
         return delta_memory_states_scan(sigma_k, value, norm_before, memory0)
-    raise ValueError(
-        f"Unknown method={method!r}; expected 'auto', 'scan', 'associative' or 'tf_while'."
-    )
+    raise ValueError(f"Invalid method={method!r}: expected 'scan' or 'associative'.")
 
 
 def retrieve(sigma_q, memory_before, norm_before):

@@ -1,0 +1,71 @@
+"""Backend fast paths: the only place in keras_infini that imports TensorFlow, JAX or torch.
+
+Each function here tries the fast path of the active Keras backend and raises
+`NotImplementedError` where there is none, so its caller falls back to plain `keras.ops`
+(the pattern of Keras' own `layers/rnn/lstm.py`, which tries `backend.lstm(...)` first):
+
+- `scan(f, init, xs)`: `ops.scan` semantics over axis 0 of every leaf of `xs`.
+  TensorFlow: a bounded `tf.while_loop` over `TensorArray`s, differentiable under XLA
+  (Keras' TF `ops.scan` is not), for static and dynamic step counts. torch: `unbind` once
+  and loop (Keras' torch `ops.scan` slices `xs[i]`, whose backward is `O(n^2)`); it also
+  splits and stacks on any `axis` without a transposed copy. JAX: `lax.scan` through
+  `ops.scan` (no fast path needed).
+- `no_grad()`: a context without autograd recording (torch), else a null context.
+- `compile_inference(fn, variables)`: `fn` compiled once per input shape for inference:
+  `jax.jit` over the variables' current values (stateless), `tf.function`, or `fn` under
+  `no_grad()` on torch.
+"""
+
+import contextlib
+import importlib
+
+from keras import backend as keras_backend
+
+
+def _module():
+    name = keras_backend.backend()
+    if name not in ("tensorflow", "torch", "jax"):
+        return None
+    return importlib.import_module(f"keras_infini.ops.backend.{name}")
+
+
+def scan(f, init, xs, axis=0):
+    """`(carry, ys)` from the backend's fast scan; `NotImplementedError` if it has none."""
+    module = _module()
+    if module is None or not hasattr(module, "scan"):
+        raise NotImplementedError
+    return module.scan(f, init, xs, axis=axis)
+
+
+def no_grad():
+    module = _module()
+    if module is None or not hasattr(module, "no_grad"):
+        return contextlib.nullcontext()
+    return module.no_grad()
+
+
+def compile_inference(fn, variables=()):
+    """`fn(*args)` compiled once per input structure and shape for inference.
+
+    `variables`: the Keras variables `fn` reads; they are read at every call (not frozen
+    at trace time), so a model trained after compiling is seen as it is now.
+    """
+    module = _module()
+    if module is None or not hasattr(module, "compile_inference"):
+        def eager(*args):
+            with no_grad():
+                return fn(*args)
+
+        return eager
+    return module.compile_inference(fn, list(variables))
+
+
+def supports_jit():
+    """Whether Keras should XLA/dynamo-compile models holding keras_infini layers.
+
+    False on torch: dynamo recompiles on Keras' `_setattr_hook` and on rank changes until
+    its limit (96 s for a first train step, 6-8 s later, against 0.05 s eagerly), so the
+    layers set `supports_jit = False` there and Keras runs `jit_compile=True` eagerly with
+    a warning ("Model doesn't support `jit_compile=True`").
+    """
+    return keras_backend.backend() != "torch"
