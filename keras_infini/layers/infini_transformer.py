@@ -55,8 +55,9 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
         dim_value: per-head value width.
         num_heads: attention heads.
         activation: MLP activation name: one of `keras_infini.ACTIVATIONS` (`"relu"`,
-            `"gelu"`, `"abs"`, `"swish"`, `"swiglu"`, `"geglu"`, `"ffnglu"`,
-            `"ffngeglu"`, `"ffnswiglu"`).
+            `"gelu"`, `"abs"`, `"silu"`, `"swish"`, `"swiglu"`, `"geglu"`, `"ffnglu"`,
+            `"ffngeglu"`, `"ffnswiglu"`), or a callable (see `get_activation`; saved with
+            `keras.saving.serialize_keras_object`).
         segment_len: tokens per memory segment.
         update: `"linear"` or `"delta"` memory update.
         causal: causal attention inside each segment.
@@ -115,6 +116,8 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
         self.dim_key = dim_key
         self.dim_value = dim_value
         self.num_heads = num_heads
+        if isinstance(activation, dict):  # a serialised callable, from get_config()
+            activation = keras.saving.deserialize_keras_object(activation)
         self.activation = activation
         self.segment_len = int(segment_len)
         self.update = update
@@ -238,7 +241,11 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
                 "dim_key": self.dim_key,
                 "dim_value": self.dim_value,
                 "num_heads": self.num_heads,
-                "activation": self.activation,
+                "activation": (
+                    self.activation
+                    if isinstance(self.activation, str)
+                    else keras.saving.serialize_keras_object(self.activation)
+                ),
                 "segment_len": self.segment_len,
                 "update": self.update,
                 "causal": self.causal,
