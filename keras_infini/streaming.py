@@ -28,8 +28,9 @@ import keras
 
 from keras_infini.layers.compressive_memory import CompressiveMemory
 from keras_infini.layers.infini_transformer import InfiniTransformer
+from keras_infini.layers.mod_infini_transformer import MoDInfiniTransformer
 
-STATEFUL_LAYERS = (CompressiveMemory, InfiniTransformer)  # MoDInfiniTransformer included
+STATEFUL_LAYERS = (CompressiveMemory, InfiniTransformer, MoDInfiniTransformer)
 
 
 def _is_stateful(layer):

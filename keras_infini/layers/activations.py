@@ -458,14 +458,16 @@ ACTIVATIONS = tuple(ACTIVATION_CLASSES)
 """The valid activation names, in the order of the module docstring."""
 
 
-def get_activation(name, dim):
-    """A fresh activation layer `name` for inputs of width `dim`.
+def get_activation(activation, dim, **kwargs):
+    """A fresh activation layer `activation` for inputs of width `dim`.
 
     Args:
-        name: str, exactly one of `ACTIVATIONS` (lower case), or a callable (not a layer)
+        activation: str, exactly one of `ACTIVATIONS` (lower case), or a callable (not a layer)
             applied elementwise, wrapped in `ActivationFunction` (saved through
             `keras.saving.serialize_keras_object`: use Keras' own or registered functions).
         dim: int > 0, the size `d` of the last axis of the inputs.
+        **kwargs: standard `keras.layers.Layer` arguments for the new layer (`name`,
+            `dtype`, ...).
 
     Returns:
         A new, unbuilt layer instance (never shared between calls).
@@ -483,13 +485,14 @@ def get_activation(name, dim):
     >>> type(layer).__name__, tuple(layer(keras.ops.ones((2, 6))).shape)
     ('FFNSwiGLU', (2, 6))
     """
+    name = activation
     if isinstance(name, dict):  # a serialised function, as InfiniTransformer's config holds
         name = keras.saving.deserialize_keras_object(name)
     if callable(name) and not isinstance(name, keras.layers.Layer):
-        return ActivationFunction(name, _check_dim(dim, allow_none=False))
+        return ActivationFunction(name, _check_dim(dim, allow_none=False), **kwargs)
     if not isinstance(name, str) or name not in ACTIVATION_CLASSES:
         raise ValueError(
             f"Invalid activation={name!r}: expected one of {', '.join(ACTIVATIONS)}, or a "
             "callable."
         )
-    return ACTIVATION_CLASSES[name](_check_dim(dim, allow_none=False))
+    return ACTIVATION_CLASSES[name](_check_dim(dim, allow_none=False), **kwargs)

@@ -9,6 +9,15 @@ from keras_infini.layers.activations import get_activation
 from keras_infini.layers.compressive_memory import CompressiveMemory
 from keras_infini.layers.compressive_memory import check_positive_int
 from keras_infini.layers.compressive_memory import resolve_positional_embedder
+from keras_infini.layers.rotary import RoPEEmbeddings
+
+
+def named_positional_embedder(positional_embedder, dim_key, seq_len):
+    """`resolve_positional_embedder`, with the layer built for `"rope"` named
+    `positional_embedder` (a deterministic sublayer name, not `ro_pe_embeddings_3`)."""
+    if isinstance(positional_embedder, str) and positional_embedder == "rope":
+        return RoPEEmbeddings(dim=dim_key, name="positional_embedder")
+    return resolve_positional_embedder(positional_embedder, dim_key, seq_len)
 
 
 def check_dropout(value):
@@ -131,15 +140,13 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
         self.supports_masking = True
 
         # Sublayers whose constructors validate the remaining arguments now, not at build.
-        embedder = resolve_positional_embedder(
-            positional_embedder, dim_key, self.embedder_seq_len()
-        )
+        embedder = named_positional_embedder(positional_embedder, dim_key, self.segment_len)
         self.attention = CompressiveMemory(
             dim_input,
             dim_key,
             dim_value,
             num_heads,
-            self.attention_segment_len(),
+            self.segment_len,
             update=update,
             causal=causal,
             positional_embedder=embedder,
@@ -158,14 +165,6 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
         self.mlp_in = keras.layers.Dense(self.dim_hidden, dtype=self.dtype_policy, name="mlp_in")
         self.attention_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
         self.mlp_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
-
-    def attention_segment_len(self):
-        """Segment length of the inner `CompressiveMemory`."""
-        return self.segment_len
-
-    def embedder_seq_len(self):
-        """Sequence length the positional embedder is built for."""
-        return self.segment_len
 
     def build(self, input_shape):
         if len(input_shape) != 3:
