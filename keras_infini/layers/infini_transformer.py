@@ -50,8 +50,9 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
     bias), `act` is the named activation at width `dim_hidden` (see
     `keras_infini.layers.activations`) and `Dense_out` maps back to `dim_input`.
 
-    Sublayers (public attributes): `attention` (the `CompressiveMemory`), `attention_norm`
-    (LN1), `mlp_norm` (LN2), `mlp_in`, `mlp_activation`, `mlp_out`.
+    Sublayers (public attributes, each named like its attribute): `attention` (the
+    `CompressiveMemory`), `attention_norm` (LN1), `mlp_norm` (LN2), `mlp_in`,
+    `mlp_activation`, `mlp_out`, `attention_dropout`, `mlp_dropout`.
 
     Keras masks, `positions`, `initial_state` and `return_state` pass through to
     `attention`, so stacks of blocks can stream over unbounded input by carrying each
@@ -155,7 +156,7 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
             dtype=self.dtype_policy,
             name="attention",
         )
-        self.mlp_activation = get_activation(activation, self.dim_hidden)
+        self.mlp_activation = get_activation(activation, self.dim_hidden, name="mlp_activation")
         self.attention_norm = keras.layers.LayerNormalization(
             epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="attention_norm"
         )
@@ -163,8 +164,12 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
             epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="mlp_norm"
         )
         self.mlp_in = keras.layers.Dense(self.dim_hidden, dtype=self.dtype_policy, name="mlp_in")
-        self.attention_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
-        self.mlp_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+        self.attention_dropout = keras.layers.Dropout(
+            self.dropout, dtype=self.dtype_policy, name="attention_dropout"
+        )
+        self.mlp_dropout = keras.layers.Dropout(
+            self.dropout, dtype=self.dtype_policy, name="mlp_dropout"
+        )
 
     def build(self, input_shape):
         if len(input_shape) != 3:
