@@ -125,7 +125,8 @@ def build_model(args):
 
 
 def blocks_of(model):
-    return [layer for layer in model.layers if isinstance(layer, InfiniTransformer)]
+    blocks = (InfiniTransformer, MoDInfiniTransformer)
+    return [layer for layer in model.layers if isinstance(layer, blocks)]
 
 
 def disable_memory(model):
