@@ -28,6 +28,7 @@ Usage:
 
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
@@ -38,8 +39,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see examples/modinfinifor
 
 import keras  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import byte_datasets as datasets  # noqa: E402  (examples/byte_datasets.py)
+
 from keras_infini import InfiniTransformer  # noqa: E402
-from keras_infini import datasets  # noqa: E402
 
 DEFAULT_PACKAGES = (
     "asyncio", "concurrent", "ctypes", "distutils", "email", "http", "importlib", "json",

@@ -8,7 +8,7 @@ at run time from the running interpreter; no download), or on any text files wit
     -> InfiniTransformer, MoDInfiniTransformer, InfiniTransformer, ... (alternating)
     -> LayerNormalization -> Dense(259)
 
-Bytes are tokens 0..255, plus PAD/BOS/EOS (see `keras_infini.datasets`). Every block
+Bytes are tokens 0..255, plus PAD/BOS/EOS (see `examples/byte_datasets.py`). Every block
 attends exactly inside segments of `--segment-len` bytes and reads earlier segments of the
 `--seq-len` window only through its compressive memory; each MoD block runs only
 `ceil(segment_len / sampling_factor)` tokens per segment through attention and MLP.
@@ -34,6 +34,7 @@ Usage (same script on every backend):
 import argparse
 import math
 import os
+import sys
 import tempfile
 import time
 
@@ -47,10 +48,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import keras  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import byte_datasets as datasets  # noqa: E402  (examples/byte_datasets.py)
+
 from keras_infini import InfiniTransformer  # noqa: E402
 from keras_infini import MoDInfiniTransformer  # noqa: E402
 from keras_infini import YaRNEmbeddings  # noqa: E402
-from keras_infini import datasets  # noqa: E402
 from keras_infini.streaming import generate  # noqa: E402
 
 NO_MEMORY_GATE = -30.0
@@ -122,7 +125,8 @@ def build_model(args):
 
 
 def blocks_of(model):
-    return [layer for layer in model.layers if isinstance(layer, InfiniTransformer)]
+    blocks = (InfiniTransformer, MoDInfiniTransformer)
+    return [layer for layer in model.layers if isinstance(layer, blocks)]
 
 
 def disable_memory(model):

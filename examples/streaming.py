@@ -106,7 +106,7 @@ def build_model(args):
 
 def stateful_layers(streamer):
     return [layer for layer in streamer.layers
-            if isinstance(layer, (CompressiveMemory, InfiniTransformer))]
+            if isinstance(layer, (CompressiveMemory, InfiniTransformer, MoDInfiniTransformer))]
 
 
 def state_shapes(streamer, batch):

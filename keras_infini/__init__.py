@@ -7,10 +7,12 @@ from keras_infini.layers.activations import ACTIVATIONS
 from keras_infini.layers.activations import FFNGLU
 from keras_infini.layers.activations import GELU
 from keras_infini.layers.activations import Abs
+from keras_infini.layers.activations import ActivationFunction
 from keras_infini.layers.activations import FFNGeGLU
 from keras_infini.layers.activations import FFNSwiGLU
 from keras_infini.layers.activations import GeGLU
 from keras_infini.layers.activations import ReLU
+from keras_infini.layers.activations import SiLU
 from keras_infini.layers.activations import SwiGLU
 from keras_infini.layers.activations import Swish
 from keras_infini.layers.activations import get_activation
@@ -27,12 +29,14 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATIONS",
     "Abs",
+    "ActivationFunction",
     "FFNGLU",
     "FFNGeGLU",
     "FFNSwiGLU",
     "GELU",
     "GeGLU",
     "ReLU",
+    "SiLU",
     "SwiGLU",
     "Swish",
     "CompressiveMemory",

@@ -22,6 +22,7 @@ import keras
 
 from keras_infini.layers.compressive_memory import CompressiveMemory
 from keras_infini.layers.infini_transformer import InfiniTransformer
+from keras_infini.layers.mod_infini_transformer import MoDInfiniTransformer
 
 TARGETS = ("attention", "mlp", "router")
 
@@ -82,6 +83,13 @@ def projections(model_or_layer, targets=("attention", "mlp")):
             for dense in (layer.query_dense, layer.key_dense, layer.value_dense,
                           layer.output_dense):
                 add(dense)
+        if isinstance(layer, MoDInfiniTransformer) and "router" in targets:
+            if not layer.built:
+                raise ValueError(
+                    f"Layer {layer.name!r} is not built: build the model (call it on data "
+                    "or create it from `keras.Input`) before enabling LoRA."
+                )
+            add(layer.router)
         if isinstance(layer, InfiniTransformer):
             if not layer.built:
                 raise ValueError(
@@ -91,8 +99,7 @@ def projections(model_or_layer, targets=("attention", "mlp")):
             if "mlp" in targets:
                 add(layer.mlp_in)
                 add(layer.mlp_out)
-            if "router" in targets:
-                add(getattr(layer, "router", None))
+
     return found
 
 

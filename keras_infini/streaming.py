@@ -30,8 +30,9 @@ from keras_infini.ops import backend as fast_paths
 
 from keras_infini.layers.compressive_memory import CompressiveMemory
 from keras_infini.layers.infini_transformer import InfiniTransformer
+from keras_infini.layers.mod_infini_transformer import MoDInfiniTransformer
 
-STATEFUL_LAYERS = (CompressiveMemory, InfiniTransformer)  # MoDInfiniTransformer included
+STATEFUL_LAYERS = (CompressiveMemory, InfiniTransformer, MoDInfiniTransformer)
 
 
 def _is_stateful(layer):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install the test dependencies into .venv (once) and run the whole suite on
-# TensorFlow, JAX and PyTorch. Exits non-zero if any backend fails.
+# Install the test dependencies into .venv (once) and run the whole suite, then the
+# docstring examples (pytest --doctest-modules keras_infini), on TensorFlow, JAX and
+# PyTorch. Exits non-zero if any run fails.
 # Usage: bash scripts/test_all_backends.sh [extra pytest args]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,11 @@ for backend in jax tensorflow torch; do
     -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
   rc=$?
   echo "=== $backend: exit $rc in $(( $(date +%s) - start )) s ==="
+  [[ $rc -ne 0 ]] && status=1
+  KERAS_BACKEND=$backend .venv/bin/python -m pytest --doctest-modules keras_infini -q \
+    -p no:cacheprovider
+  rc=$?
+  echo "=== $backend doctests: exit $rc ==="
   [[ $rc -ne 0 ]] && status=1
 done
 exit $status

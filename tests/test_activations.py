@@ -12,8 +12,10 @@ from keras_infini import ACTIVATIONS
 from keras_infini import get_activation
 from keras_infini.layers import activations as act_module
 
-NAMES = ("relu", "gelu", "abs", "swish", "swiglu", "geglu", "ffnglu", "ffngeglu", "ffnswiglu")
-WEIGHTED = tuple(n for n in NAMES if n not in ("relu", "gelu", "abs"))
+NAMES = ("relu", "gelu", "abs", "silu", "swish", "swiglu", "geglu", "ffnglu", "ffngeglu",
+         "ffnswiglu")
+WEIGHTLESS = ("relu", "gelu", "abs", "silu")
+WEIGHTED = tuple(n for n in NAMES if n not in WEIGHTLESS)
 DIMS = (6, 7)  # inner widths 4 and 5; 7 is odd, so ceil(2 d / 3) != 2 d // 3
 
 
@@ -51,6 +53,7 @@ NP_ACTIVATIONS = {
     "relu": lambda x, w: np.maximum(x, 0.0),
     "gelu": lambda x, w: np_gelu(x),
     "abs": lambda x, w: np.abs(x),
+    "silu": lambda x, w: np_swish(x),
     "swish": lambda x, w: np_swish(x, w["beta"]),
     "swiglu": _glu(lambda t, w: np_swish(t, w["beta"])),
     "geglu": _glu(lambda t, w: np_gelu(t)),
@@ -307,7 +310,7 @@ def test_weighted_layers_require_dim(name):
             cls(*args)
 
 
-@pytest.mark.parametrize("name", ("relu", "gelu", "abs"))
+@pytest.mark.parametrize("name", WEIGHTLESS)
 def test_weightless_layers_dim_optional(name):
     layer = act_module.ACTIVATION_CLASSES[name]()
     assert layer.dim is None and layer.get_config()["dim"] is None
@@ -366,3 +369,70 @@ def test_mixed_bfloat16_policy(name):
     want = NP_ACTIVATIONS[name](x.astype(np.float64), layer_weights(layer, name))
     got = to_numpy(keras.ops.cast(y, "float32"))
     np.testing.assert_allclose(got, want, atol=0.05 * max(1.0, np.abs(want).max()))
+
+
+# ---------------------------------------------------------------- Keras names, callables
+@pytest.mark.parametrize("name, keras_fn", [("relu", keras.activations.relu),
+                                             ("gelu", keras.activations.gelu),
+                                             ("silu", keras.activations.silu),
+                                             ("silu", keras.activations.swish)])
+def test_keras_names_are_keras_functions(name, keras_fn):
+    x = randn(3, 5)
+    ours = to_numpy(get_activation(name, 5)(x))
+    np.testing.assert_allclose(ours, to_numpy(keras_fn(x)), atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(ours, NP_ACTIVATIONS[name](x.astype(np.float64), {}), atol=2e-6)
+
+
+def test_silu_has_no_weights_and_swish_differs_once_beta_moves():
+    silu = get_activation("silu", 4)
+    silu.build((None, 4))
+    assert silu.weights == [] and type(silu).__name__ == "SiLU"
+    swish = built("swish", 4)  # beta = 0.7
+    x = randn(2, 4)
+    assert not np.allclose(to_numpy(swish(x)), to_numpy(silu(x)))
+
+
+@keras.saving.register_keras_serializable(package="test_activations")
+def _cube(x):
+    return x * x * x
+
+
+@pytest.mark.parametrize("fn, ref", [(keras.activations.tanh, np.tanh),
+                                     (_cube, lambda x: x**3)])
+def test_callable_activation_saves(fn, ref, tmp_path):
+    layer = get_activation(fn, 4)
+    assert type(layer) is act_module.ActivationFunction and layer.dim == 4
+    x = randn(2, 3, 4, scale=0.5)
+    np.testing.assert_allclose(to_numpy(layer(x)), ref(x.astype(np.float64)), atol=1e-6)
+    config = layer.get_config()
+    import json
+
+    clone = act_module.ActivationFunction.from_config(json.loads(json.dumps(config)))
+    np.testing.assert_allclose(to_numpy(clone(x)), to_numpy(layer(x)), atol=0)
+    model = keras.Sequential([keras.Input((3, 4)), get_activation(fn, 4)])
+    path = str(tmp_path / "fn.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), ref(x.astype(np.float64)),
+                               atol=1e-6)
+
+
+def test_infini_transformer_with_callable_activation_round_trips(tmp_path):
+    from keras_infini import InfiniTransformer
+
+    block = InfiniTransformer(8, 12, 4, 4, 2, keras.activations.tanh, segment_len=4)
+    x = randn(2, 6, 8, scale=0.5)
+    y = to_numpy(block(x))
+    config = block.get_config()
+    import json
+
+    clone = InfiniTransformer.from_config(json.loads(json.dumps(config)))
+    clone.build(x.shape)
+    clone.set_weights(block.get_weights())
+    np.testing.assert_allclose(to_numpy(clone(x)), y, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [keras.layers.ReLU(), "silu "])
+def test_layers_and_near_names_rejected(bad):
+    with pytest.raises(ValueError, match="activation"):
+        get_activation(bad, 4)

@@ -1,13 +1,17 @@
-"""keras_infini.datasets: file reading, the split by file, the stdlib corpus, ByteLMDataset."""
+"""examples/byte_datasets.py: file reading, the split by file, the stdlib corpus, ByteLMDataset."""
 
 import os
 import random
+import sys
 import warnings
 
 import numpy as np
 import pytest
 
-from keras_infini import datasets
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+if EXAMPLES not in sys.path:
+    sys.path.insert(0, EXAMPLES)
+import byte_datasets as datasets  # noqa: E402
 
 
 def _write(path, data):

@@ -57,7 +57,7 @@ def randn(*shape):
      (5, 0.5, 10000), (2, 1.0, 10000)],
 )
 def test_rope_default_positions(dim, pct, base):
-    layer = RoPEEmbeddings(dim, seq_len=6, dim_embeddings_pct=pct, base=base)
+    layer = RoPEEmbeddings(dim, dim_embeddings_pct=pct, base=base, sequence_axis=-2)
     x = randn(2, 3, 6, dim)  # (batch, heads, seq, dim): positions 0..5 along axis -2
     out = to_numpy(layer(x))
     assert out.shape == x.shape and out.dtype == np.float32
@@ -68,7 +68,7 @@ def test_rope_default_positions(dim, pct, base):
 
 
 def test_rope_default_positions_beyond_one_digit():
-    layer = RoPEEmbeddings(4, seq_len=600, dim_embeddings_pct=1.0)
+    layer = RoPEEmbeddings(4, dim_embeddings_pct=1.0, sequence_axis=0)
     x = randn(600, 4)
     np.testing.assert_allclose(to_numpy(layer(x)),
                                ref_rotate(x, np.arange(600), ref_theta(4, 1.0)), atol=2e-6)
@@ -295,10 +295,13 @@ def test_config_round_trip(cls, kwargs):
     config = layer.get_config()
     json.dumps(config)
     for key, value in kwargs.items():
-        assert config[key] == value
+        if key != "seq_len":
+            assert config[key] == value
+    assert "seq_len" not in config  # deprecated, ignored, not serialised
     if cls is YaRNEmbeddings:
-        assert set(config) >= {"dim", "seq_len", "context_len", "context_len_ext",
-                               "dim_embeddings_pct", "base", "alpha", "beta", "len_scale"}
+        assert set(config) >= {"dim", "context_len", "context_len_ext", "sequence_axis",
+                               "feature_axis", "dim_embeddings_pct", "base", "alpha", "beta",
+                               "len_scale"}
     clone = cls.from_config(config)
     assert clone.get_config() == config
     np.testing.assert_array_equal(clone.inv_freq, layer.inv_freq)
@@ -332,7 +335,10 @@ BAD_ARGS = [
     (RoPEEmbeddings, dict(dim=True, seq_len=4), "dim"),
     (RoPEEmbeddings, dict(dim=8, seq_len=0), "seq_len"),
     (RoPEEmbeddings, dict(dim=8, seq_len=-3), "seq_len"),
-    (RoPEEmbeddings, dict(dim=8, seq_len=None), "seq_len"),
+    (RoPEEmbeddings, dict(dim=8, sequence_axis=1.0), "sequence_axis"),
+    (RoPEEmbeddings, dict(dim=8, feature_axis=True), "feature_axis"),
+    (RoPEEmbeddings, dict(dim=8, sequence_axis=2, feature_axis=2), "sequence_axis"),
+    (YaRNEmbeddings, dict(dim=8, context_len=None, context_len_ext=8), "context_len"),
     (RoPEEmbeddings, dict(dim=8, seq_len=4, dim_embeddings_pct=0), "dim_embeddings_pct"),
     (RoPEEmbeddings, dict(dim=8, seq_len=4, dim_embeddings_pct=1.5), "dim_embeddings_pct"),
     (RoPEEmbeddings, dict(dim=8, seq_len=4, dim_embeddings_pct=0.2), "dim_embeddings_pct"),
@@ -379,3 +385,123 @@ def test_wrong_last_axis_raises():
         layer(randn(2, 4, 6))
     with pytest.raises(ValueError, match="dim=8"):
         layer(keras.Input((None, 6)))
+
+
+# ---------------------------------------------------------------- keras-hub axes (issue 12)
+@pytest.mark.parametrize("dim, pct", [(8, 0.5), (7, 1.0)])
+def test_default_sequence_axis_is_1_for_batch_seq_heads_dim(dim, pct):
+    # keras-hub RotaryEmbedding default: sequence_axis=1, feature_axis=-1. Before, the
+    # default positions ran along axis -2 (the heads axis of this input).
+    layer = RoPEEmbeddings(dim, dim_embeddings_pct=pct)
+    q = randn(2, 5, 3, dim)  # (batch, seq, heads, dim)
+    expected = ref_rotate(q, np.arange(5)[None, :, None], ref_theta(dim, pct))
+    np.testing.assert_allclose(to_numpy(layer(q)), expected, atol=2e-6)
+    x = randn(2, 5, dim)  # rank 3: the same axis as before
+    np.testing.assert_allclose(to_numpy(layer(x)),
+                               ref_rotate(x, np.arange(5)[None, :], ref_theta(dim, pct)),
+                               atol=2e-6)
+
+
+@pytest.mark.parametrize("start", [0, 7, 300, 65530, -20])
+def test_start_index_int(start):
+    layer = RoPEEmbeddings(8, dim_embeddings_pct=1.0)
+    q = randn(2, 6, 3, 8)
+    expected = ref_rotate(q, (start + np.arange(6))[None, :, None], ref_theta(8, 1.0))
+    np.testing.assert_allclose(to_numpy(layer(q, start_index=start)), expected, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64", "float32"])
+def test_start_index_tensor(dtype):
+    layer = YaRNEmbeddings(8, context_len=8, context_len_ext=32, dim_embeddings_pct=1.0)
+    q = randn(2, 6, 3, 8)
+    start = keras.ops.convert_to_tensor(np.array(70000, dtype))
+    expected = ref_rotate(q, (70000 + np.arange(6))[None, :, None], ref_yarn_theta(8, 8, 32, 1.0),
+                          ref_mscale(8, 32))
+    np.testing.assert_allclose(to_numpy(layer(q, start_index=start)), expected, atol=3e-6)
+
+
+def test_start_index_offsets_explicit_positions():
+    layer = RoPEEmbeddings(8)
+    q = randn(2, 4, 8)
+    p = np.array([[3, 1, 4, 1]], "int32")
+    np.testing.assert_allclose(to_numpy(layer(q, positions=p, start_index=100)),
+                               ref_rotate(q, p + 100, ref_theta(8)), atol=2e-6)
+
+
+def test_start_index_under_jit():
+    layer = RoPEEmbeddings(8, dim_embeddings_pct=1.0)
+    q = randn(2, 5, 2, 8)
+    if BACKEND == "jax":
+        import jax
+
+        fn = jax.jit(lambda a, b: layer(a, start_index=b))
+    elif BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        fn = tf.function(lambda a, b: layer(a, start_index=b), jit_compile=True)
+    else:
+        fn = lambda a, b: layer(a, start_index=b)  # noqa: E731
+    out = to_numpy(fn(keras.ops.convert_to_tensor(q), keras.ops.convert_to_tensor(np.int32(513))))
+    np.testing.assert_allclose(
+        out, ref_rotate(q, (513 + np.arange(5))[None, :, None], ref_theta(8, 1.0)), atol=2e-6
+    )
+
+
+def test_feature_axis_and_sequence_axis():
+    # (batch, dim, seq, heads): channels on axis 1, positions along axis 2.
+    layer = RoPEEmbeddings(6, dim_embeddings_pct=1.0, sequence_axis=2, feature_axis=1)
+    x = randn(2, 6, 5, 3)
+    moved = np.moveaxis(x, 1, -1)  # (batch, seq, heads, dim)
+    expected = ref_rotate(moved, (4 + np.arange(5))[None, :, None], ref_theta(6, 1.0))
+    out = to_numpy(layer(x, start_index=4))
+    assert out.shape == x.shape
+    np.testing.assert_allclose(out, np.moveaxis(expected, -1, 1), atol=2e-6)
+    # Explicit positions broadcast against the shape without the feature axis.
+    p = np.arange(10).reshape(2, 5, 1) * 1000
+    np.testing.assert_allclose(to_numpy(layer(x, positions=p)),
+                               np.moveaxis(ref_rotate(moved, p, ref_theta(6, 1.0)), -1, 1),
+                               atol=2e-6)
+
+
+def test_sequence_axis_minus_2_keeps_the_old_default():
+    layer = RoPEEmbeddings(8, sequence_axis=-2)
+    x = randn(2, 3, 6, 8)  # (batch, heads, seq, dim)
+    np.testing.assert_allclose(to_numpy(layer(x)), ref_rotate(x, np.arange(6), ref_theta(8)),
+                               atol=2e-6)
+
+
+def test_symbolic_start_index_and_axes_in_a_model():
+    q_in = keras.Input((None, 2, 8))
+    s_in = keras.Input((), dtype="int32", batch_size=1)
+    rope = RoPEEmbeddings(8)
+    model = keras.Model([q_in, s_in], rope(q_in, start_index=keras.ops.squeeze(s_in)))
+    q = randn(1, 5, 2, 8)
+    out = model.predict([q, np.array([40], "int32")], verbose=0)
+    np.testing.assert_allclose(out, ref_rotate(q, (40 + np.arange(5))[None, :, None],
+                                               ref_theta(8)), atol=2e-6)
+
+
+def test_configs_saved_with_seq_len_still_load():
+    old = {"name": "rope", "trainable": True, "dtype": "float32", "dim": 8, "seq_len": 16,
+           "dim_embeddings_pct": 0.5, "base": 10000}
+    layer = RoPEEmbeddings.from_config(old)
+    assert "seq_len" not in layer.get_config()
+    assert layer.get_config()["sequence_axis"] == 1
+    yarn = YaRNEmbeddings.from_config({"dim": 8, "seq_len": 4, "context_len": 16,
+                                       "context_len_ext": 64})
+    assert "seq_len" not in yarn.get_config()
+    positional = YaRNEmbeddings(8, 4, 16, 64, name=yarn.name)  # old positional order
+    assert positional.get_config() == yarn.get_config()
+
+
+@pytest.mark.parametrize(
+    "kwargs, shape, call_kwargs, match",
+    [
+        (dict(), (6, 8), {}, "same axis"),  # rank 2: axis 1 is the feature axis
+        (dict(sequence_axis=3), (2, 4, 8), {}, "sequence_axis"),
+        (dict(feature_axis=1), (2, 4, 8), {}, "feature_axis"),
+    ],
+)
+def test_axis_errors(kwargs, shape, call_kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RoPEEmbeddings(8, **kwargs)(randn(*shape), **call_kwargs)

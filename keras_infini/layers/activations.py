@@ -4,7 +4,7 @@ Every layer maps inputs `(..., d)` to outputs `(..., d)` and works token by toke
 passes a Keras mask through unchanged. `get_activation(name, dim)` builds a fresh layer by
 name; the valid names are `ACTIVATIONS`:
 
-- `relu`, `gelu` (exact, erf-based), `abs`: no weights.
+- `relu`, `gelu` (exact, erf-based), `abs`, `silu` (`x * sigmoid(x)`): no weights.
 - `swish`: `x * sigmoid(beta * x)`, trainable scalar `beta` (init 1).
 - `swiglu`: `swish(x W + b) * (x V + c)` with its own trainable `beta`;
   `geglu`: `gelu(x W + b) * (x V + c)`. `W` = `kernel_gate`, `V` = `kernel_value`, both
@@ -17,7 +17,15 @@ name; the valid names are `ACTIVATIONS`:
 
 Kernels are Glorot-uniform, biases zeros (Shazeer 2020, "GLU Variants Improve Transformer",
 arXiv 2002.05202). `gelu` is always the exact GELU `x * Phi(x)`, never the tanh
-approximation. Weights are stored in the variable dtype of the layer's dtype policy
+approximation.
+
+Keras names. `relu`, `gelu` and `silu` are exactly Keras' `keras.activations.relu`,
+`keras.activations.gelu` (whose default is `approximate=False`, the erf form) and
+`keras.activations.silu` (tested against NumPy and against the Keras functions). Note that
+Keras' `"swish"` is an alias of `silu` with no weight, while this library's `"swish"` has a
+trainable `beta` (equal to `silu` only while `beta == 1`); pass `"silu"` for Keras' function.
+Any other function is accepted as a callable, e.g. `get_activation(keras.activations.tanh, d)`
+(see `ActivationFunction`). Weights are stored in the variable dtype of the layer's dtype policy
 (float32 under `mixed_bfloat16`/`mixed_float16`) and the math runs in its compute dtype.
 """
 
@@ -150,6 +158,71 @@ class Abs(_Activation):
 
     def call(self, inputs):
         return ops.abs(inputs)
+
+
+@keras.saving.register_keras_serializable(package="keras_infini")
+class SiLU(_Activation):
+    """`x * sigmoid(x)` (SiLU), no weights; exactly `keras.activations.silu`.
+
+    Args:
+        dim: optional int, the size of the last axis of the inputs; checked at build when
+            given. `None` accepts any width.
+        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Example:
+
+    >>> import keras
+    >>> from keras_infini.layers.activations import SiLU
+    >>> round(float(keras.ops.convert_to_numpy(SiLU()(keras.ops.ones((1, 2))))[0, 0]), 4)
+    0.7311
+    """
+
+    def call(self, inputs):
+        return _swish(inputs)
+
+
+@keras.saving.register_keras_serializable(package="keras_infini")
+class ActivationFunction(_Activation):
+    """Wraps an elementwise (or per-token) function `f` as a layer: `f(x)`, no weights.
+
+    `get_activation(f, dim)` builds one for a callable `f`. The function is saved with
+    `keras.saving.serialize_keras_object`, so Keras' own activations
+    (`keras.activations.tanh`, ...) and functions registered with
+    `@keras.saving.register_keras_serializable()` survive `get_config()` / `.keras` files;
+    a lambda or an unregistered local function works in memory but cannot be saved.
+
+    Args:
+        function: a callable mapping a tensor `(..., d)` to a tensor of the same shape, or
+            its serialised form (a dict, as written by `get_config()`).
+        dim: optional int, the size of the last axis of the inputs; checked at build.
+        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Example:
+
+    >>> import keras
+    >>> from keras_infini import get_activation
+    >>> layer = get_activation(keras.activations.tanh, 4)
+    >>> type(layer).__name__, tuple(layer(keras.ops.ones((2, 4))).shape)
+    ('ActivationFunction', (2, 4))
+    """
+
+    def __init__(self, function, dim=None, **kwargs):
+        super().__init__(dim=dim, **kwargs)
+        if isinstance(function, dict):
+            function = keras.saving.deserialize_keras_object(function)
+        if not callable(function) or isinstance(function, keras.layers.Layer):
+            raise ValueError(
+                f"Invalid function={function!r}: expected a callable that is not a layer."
+            )
+        self.function = function
+
+    def call(self, inputs):
+        return self.function(inputs)
+
+    def get_config(self):
+        config = super().get_config()
+        config["function"] = keras.saving.serialize_keras_object(self.function)
+        return config
 
 
 @keras.saving.register_keras_serializable(package="keras_infini")
@@ -371,6 +444,7 @@ ACTIVATION_CLASSES = {
     "relu": ReLU,
     "gelu": GELU,
     "abs": Abs,
+    "silu": SiLU,
     "swish": Swish,
     "swiglu": SwiGLU,
     "geglu": GeGLU,
@@ -384,19 +458,24 @@ ACTIVATIONS = tuple(ACTIVATION_CLASSES)
 """The valid activation names, in the order of the module docstring."""
 
 
-def get_activation(name, dim):
-    """A fresh activation layer `name` for inputs of width `dim`.
+def get_activation(activation, dim, **kwargs):
+    """A fresh activation layer `activation` for inputs of width `dim`.
 
     Args:
-        name: str, exactly one of `ACTIVATIONS` (lower case).
+        activation: str, exactly one of `ACTIVATIONS` (lower case), or a callable (not a layer)
+            applied elementwise, wrapped in `ActivationFunction` (saved through
+            `keras.saving.serialize_keras_object`: use Keras' own or registered functions).
         dim: int > 0, the size `d` of the last axis of the inputs.
+        **kwargs: standard `keras.layers.Layer` arguments for the new layer (`name`,
+            `dtype`, ...).
 
     Returns:
         A new, unbuilt layer instance (never shared between calls).
 
     Raises:
-        ValueError: for an unknown or non-string `name` (the message names the argument
-            `activation` and lists the valid names), or a `dim` that is not a positive int.
+        ValueError: for an unknown name or a value that is neither a string nor a callable
+            (the message names the argument `activation` and lists the valid names), or a
+            `dim` that is not a positive int.
 
     Example:
 
@@ -406,8 +485,14 @@ def get_activation(name, dim):
     >>> type(layer).__name__, tuple(layer(keras.ops.ones((2, 6))).shape)
     ('FFNSwiGLU', (2, 6))
     """
+    name = activation
+    if isinstance(name, dict):  # a serialised function, as InfiniTransformer's config holds
+        name = keras.saving.deserialize_keras_object(name)
+    if callable(name) and not isinstance(name, keras.layers.Layer):
+        return ActivationFunction(name, _check_dim(dim, allow_none=False), **kwargs)
     if not isinstance(name, str) or name not in ACTIVATION_CLASSES:
         raise ValueError(
-            f"Invalid activation={name!r}: expected one of {', '.join(ACTIVATIONS)}."
+            f"Invalid activation={name!r}: expected one of {', '.join(ACTIVATIONS)}, or a "
+            "callable."
         )
-    return ACTIVATION_CLASSES[name](_check_dim(dim, allow_none=False))
+    return ACTIVATION_CLASSES[name](_check_dim(dim, allow_none=False), **kwargs)

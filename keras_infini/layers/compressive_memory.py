@@ -20,7 +20,7 @@ def resolve_positional_embedder(positional_embedder, dim_key, segment_len):
         return None
     if isinstance(positional_embedder, str):
         if positional_embedder == "rope":
-            return RoPEEmbeddings(dim=dim_key, seq_len=segment_len)
+            return RoPEEmbeddings(dim=dim_key, name="positional_embedder")
         if positional_embedder == "yarn":
             raise ValueError(
                 "Invalid positional_embedder='yarn': YaRN needs its context lengths. Pass "
@@ -358,8 +358,8 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
 
         # 1. Local attention, all segments at once.
         if self.positional_embedder is not None:
-            # None: the embedder's default, 0..S-1 along the segment axis (-2).
-            p = None if pos is None else pos[:, :, None, :]  # (b, n, 1, S)
+            # Default: 0..S-1 along the segment axis (-2), passed explicitly (any sequence_axis).
+            p = ops.arange(x.shape[2], dtype="int32") if pos is None else pos[:, :, None, :]
             query_rot = self.positional_embedder(query, positions=p)
             key_rot = self.positional_embedder(key, positions=p)
         else:

@@ -7,6 +7,15 @@ from keras_infini.layers._outputs import StatefulOutputsMixin
 from keras_infini.layers.activations import get_activation
 from keras_infini.layers.compressive_memory import CompressiveMemory
 from keras_infini.layers.compressive_memory import resolve_positional_embedder
+from keras_infini.layers.rotary import RoPEEmbeddings
+
+
+def named_positional_embedder(positional_embedder, dim_key, seq_len):
+    """`resolve_positional_embedder`, with the layer built for `"rope"` named
+    `positional_embedder` (a deterministic sublayer name, not `ro_pe_embeddings_3`)."""
+    if isinstance(positional_embedder, str) and positional_embedder == "rope":
+        return RoPEEmbeddings(dim=dim_key, name="positional_embedder")
+    return resolve_positional_embedder(positional_embedder, dim_key, seq_len)
 
 
 @keras.saving.register_keras_serializable(package="keras_infini")
@@ -27,8 +36,9 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
     bias), `act` is the named activation at width `dim_hidden` (see
     `keras_infini.layers.activations`) and `Dense_out` maps back to `dim_input`.
 
-    Sublayers (public attributes): `attention` (the `CompressiveMemory`), `attention_norm`
-    (LN1), `mlp_norm` (LN2), `mlp_in`, `mlp_activation`, `mlp_out`.
+    Sublayers (public attributes, each named like its attribute): `attention` (the
+    `CompressiveMemory`), `attention_norm` (LN1), `mlp_norm` (LN2), `mlp_in`,
+    `mlp_activation`, `mlp_out`, `attention_dropout`, `mlp_dropout`.
 
     Keras masks, `positions`, `initial_state` and `return_state` pass through to
     `attention`, so stacks of blocks can stream over unbounded input by carrying each
@@ -41,8 +51,9 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
         dim_value: per-head value width.
         num_heads: attention heads.
         activation: MLP activation name: one of `keras_infini.ACTIVATIONS` (`"relu"`,
-            `"gelu"`, `"abs"`, `"swish"`, `"swiglu"`, `"geglu"`, `"ffnglu"`,
-            `"ffngeglu"`, `"ffnswiglu"`).
+            `"gelu"`, `"abs"`, `"silu"`, `"swish"`, `"swiglu"`, `"geglu"`, `"ffnglu"`,
+            `"ffngeglu"`, `"ffnswiglu"`), or a callable (see `get_activation`; saved with
+            `keras.saving.serialize_keras_object`).
         segment_len: tokens per memory segment.
         update: `"linear"` or `"delta"` memory update.
         causal: causal attention inside each segment.
@@ -95,6 +106,8 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
         self.dim_key = validation.positive_int("dim_key", dim_key)
         self.dim_value = validation.positive_int("dim_value", dim_value)
         self.num_heads = validation.positive_int("num_heads", num_heads)
+        if isinstance(activation, dict):  # a serialised callable, from get_config()
+            activation = keras.saving.deserialize_keras_object(activation)
         self.activation = activation
         self.segment_len = validation.positive_int("segment_len", segment_len)
         self.update = update
@@ -112,15 +125,13 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
         self.supports_masking = True
 
         # Sublayers whose constructors validate the remaining arguments now, not at build.
-        embedder = resolve_positional_embedder(
-            positional_embedder, dim_key, self.embedder_seq_len()
-        )
+        embedder = named_positional_embedder(positional_embedder, dim_key, self.segment_len)
         self.attention = CompressiveMemory(
             dim_input,
             dim_key,
             dim_value,
             num_heads,
-            self.attention_segment_len(),
+            self.segment_len,
             update=update,
             causal=causal,
             positional_embedder=embedder,
@@ -129,7 +140,7 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
             dtype=self.dtype_policy,
             name="attention",
         )
-        self.mlp_activation = get_activation(activation, self.dim_hidden)
+        self.mlp_activation = get_activation(activation, self.dim_hidden, name="mlp_activation")
         self.attention_norm = keras.layers.LayerNormalization(
             epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="attention_norm"
         )
@@ -137,16 +148,12 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
             epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="mlp_norm"
         )
         self.mlp_in = keras.layers.Dense(self.dim_hidden, dtype=self.dtype_policy, name="mlp_in")
-        self.attention_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
-        self.mlp_dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
-
-    def attention_segment_len(self):
-        """Segment length of the inner `CompressiveMemory`."""
-        return self.segment_len
-
-    def embedder_seq_len(self):
-        """Sequence length the positional embedder is built for."""
-        return self.segment_len
+        self.attention_dropout = keras.layers.Dropout(
+            self.dropout, dtype=self.dtype_policy, name="attention_dropout"
+        )
+        self.mlp_dropout = keras.layers.Dropout(
+            self.dropout, dtype=self.dtype_policy, name="mlp_dropout"
+        )
 
     def build(self, input_shape):
         if len(input_shape) != 3:
@@ -235,7 +242,11 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
                 "dim_key": self.dim_key,
                 "dim_value": self.dim_value,
                 "num_heads": self.num_heads,
-                "activation": self.activation,
+                "activation": (
+                    self.activation
+                    if isinstance(self.activation, str)
+                    else keras.saving.serialize_keras_object(self.activation)
+                ),
                 "segment_len": self.segment_len,
                 "update": self.update,
                 "causal": self.causal,

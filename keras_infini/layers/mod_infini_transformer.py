@@ -7,8 +7,12 @@ import numbers
 import keras
 from keras import ops
 
+from keras.src.backend.common import stateless_scope
+
 from keras_infini import validation
+from keras_infini.layers._outputs import StatefulOutputsMixin
 from keras_infini.layers.infini_transformer import InfiniTransformer
+from keras_infini.layers.infini_transformer import named_positional_embedder
 from keras_infini.ops import routing
 from keras_infini.ops import segments as segment_ops
 
@@ -26,11 +30,43 @@ def segment_capacity(segment_len, sampling_factor):
     return math.ceil(fractions.Fraction(segment_len) / factor)
 
 
+_BLOCK_SUBLAYERS = (
+    "attention",
+    "attention_norm",
+    "mlp_norm",
+    "mlp_in",
+    "mlp_activation",
+    "mlp_out",
+    "attention_dropout",
+    "mlp_dropout",
+)
+
+
+class _RouterLossMean(keras.metrics.Mean):
+    """The router-loss running mean: a per-epoch log, not model state, so never saved."""
+
+    def save_own_variables(self, store):
+        pass
+
+    def load_own_variables(self, store):
+        pass
+
+
+def _block_alias(name):
+    def get(self):
+        return getattr(self.block, name)
+
+    get.__doc__ = f"`self.block.{name}` (the inner `InfiniTransformer`'s sublayer)."
+    return property(get)
+
+
 @keras.saving.register_keras_serializable(package="keras_infini")
-class MoDInfiniTransformer(InfiniTransformer):
+class MoDInfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
     """Mixture-of-Depths `InfiniTransformer`: only `k` tokens per segment enter the block.
 
-    A router (`Dense(1)`, attribute `router`) gives each token a logit `r`. In every
+    Composition: a router (`Dense(1)`, attribute `router`) and an inner `InfiniTransformer`
+    (attribute `block`, segment length `k`, positional embedder for the full
+    `segment_len`). A router gives each token a logit `r`. In every
     segment of `segment_len` tokens, `k = ceil(segment_len / sampling_factor)` tokens are
     selected, gathered in their original order and run through the block (attention +
     MLP) with their original in-segment positions; a selected token's output is
@@ -43,8 +79,12 @@ class MoDInfiniTransformer(InfiniTransformer):
       tokens never compete). A router loss, the binary cross-entropy from logits between
       `r` and the (stop-gradient) selection, averaged over real tokens and multiplied by
       `router_loss_weight`, is added with `add_loss`, so `model.fit` trains the router
-      with no custom loop. `model.evaluate` runs in inference mode and therefore reports
-      no router loss.
+      with no custom loop, and its running mean is logged by `fit` as `router_loss` (a
+      `keras.metrics.Mean`, attribute `router_loss_tracker`; `loss` still includes it). On
+      JAX, Keras' stateless `fit` step does not let a layer update a metric (Keras issues
+      #19402, #21639): there the tracker is left untouched inside `fit`, so `router_loss`
+      reads 0 in JAX `fit` logs (the loss itself is trained as on the other backends).
+      `model.evaluate` runs in inference mode and therefore reports no router loss.
     - Inference: causal, first come first served: a token is routed iff `r > 0` and fewer
       than `k` earlier tokens of its segment were routed. Unused slots are masked, so any
       batch size works with static shapes.
@@ -67,6 +107,11 @@ class MoDInfiniTransformer(InfiniTransformer):
         initial_state: optional `(memory, norm)` of the inner attention, for streaming.
         training: selects top-k routing (and the router loss) or causal routing.
         return_state: optional per-call override of the constructor's `return_state`.
+
+    Sublayers of the inner block are also reachable under their `InfiniTransformer` names
+    (`attention`, `attention_norm`, `mlp_norm`, `mlp_in`, `mlp_activation`, `mlp_out`,
+    `attention_dropout`, `mlp_dropout`); Keras saves their weights under those paths, as
+    before the block was a separate sublayer, so older `.keras` / `.weights.h5` files load.
 
     Returns:
         `outputs`; with `return_router_outputs`, `(outputs, selection, logits)`; with
@@ -106,7 +151,9 @@ class MoDInfiniTransformer(InfiniTransformer):
         return_router_outputs=False,
         **kwargs,
     ):
+        super().__init__(**kwargs)
         segment_len = validation.positive_int("segment_len", segment_len)
+        self.segment_len = segment_len
         self.sampling_factor = validation.sampling_factor(sampling_factor, segment_len)
         self.capacity = segment_capacity(segment_len, sampling_factor)
         self.router_loss_weight = float(
@@ -115,32 +162,71 @@ class MoDInfiniTransformer(InfiniTransformer):
         self.return_router_outputs = validation.boolean(
             "return_router_outputs", return_router_outputs
         )
-        super().__init__(
+        self.return_state = validation.boolean("return_state", return_state)
+        self._embedder_arg = positional_embedder
+        self.supports_masking = True
+        # The inner block sees `capacity` tokens per segment; its positional embedder is
+        # resolved here for the full segment (positions are in-segment, 0..segment_len-1).
+        self.block = InfiniTransformer(
             dim_input,
             dim_hidden,
             dim_key,
             dim_value,
             num_heads,
             activation,
-            segment_len,
+            self.capacity,
             update=update,
             causal=causal,
-            positional_embedder=positional_embedder,
+            positional_embedder=named_positional_embedder(
+                positional_embedder, dim_key, self.segment_len
+            ),
             init_state_learnable=init_state_learnable,
             dropout=dropout,
             normalize_first=normalize_first,
             layer_norm_epsilon=layer_norm_epsilon,
-            return_state=return_state,
-            **kwargs,
+            return_state=True,
+            dtype=self.dtype_policy,
+            name="block",
         )
         self.router = keras.layers.Dense(1, dtype=self.dtype_policy, name="router")
+        self.router_loss_tracker = _RouterLossMean(name="router_loss")
 
-    def attention_segment_len(self):
-        return self.capacity
+    # The block's arguments, read back from it (one source of truth).
+    dim_input = property(lambda self: self.block.dim_input)
+    dim_hidden = property(lambda self: self.block.dim_hidden)
+    dim_key = property(lambda self: self.block.dim_key)
+    dim_value = property(lambda self: self.block.dim_value)
+    num_heads = property(lambda self: self.block.num_heads)
+    activation = property(lambda self: self.block.activation)
+    update = property(lambda self: self.block.update)
+    causal = property(lambda self: self.block.causal)
+    init_state_learnable = property(lambda self: self.block.init_state_learnable)
+    dropout = property(lambda self: self.block.dropout)
+    normalize_first = property(lambda self: self.block.normalize_first)
+    layer_norm_epsilon = property(lambda self: self.block.layer_norm_epsilon)
+
+    attention = _block_alias("attention")
+    attention_norm = _block_alias("attention_norm")
+    mlp_norm = _block_alias("mlp_norm")
+    mlp_in = _block_alias("mlp_in")
+    mlp_activation = _block_alias("mlp_activation")
+    mlp_out = _block_alias("mlp_out")
+    attention_dropout = _block_alias("attention_dropout")
+    mlp_dropout = _block_alias("mlp_dropout")
+
+    def __dir__(self):
+        # Keras' saver walks `dir(layer)` in sorted order and stores each object under the
+        # first attribute name that reaches it. Hiding `block` keeps the weights under the
+        # aliases above (`attention/...`, `mlp_in/...`), the paths files were written with
+        # when this class subclassed InfiniTransformer. Every block sublayer with state must
+        # be in `_BLOCK_SUBLAYERS` (checked by test_mod_infini_transformer).
+        return [name for name in super().__dir__() if name != "block"]
 
     def build(self, input_shape):
-        super().build(input_shape)
+        self.block.build(input_shape)
         self.router.build((None, None, self.dim_input))
+        self.input_spec = keras.InputSpec(ndim=3, axes={-1: self.dim_input})
+        self.built = True
 
     def call(self, inputs, mask=None, initial_state=None, training=None, return_state=None):
         mask = validation.sequence_tensor("mask", mask, inputs)
@@ -193,7 +279,9 @@ class MoDInfiniTransformer(InfiniTransformer):
 
         selection = segment_ops.trim(segment_ops.unfold(selected), length)  # (b, L)
         if training and self.router_loss_weight > 0:
-            self.add_loss(self.router_loss(logits[..., 0], selection, mask))
+            loss = self.router_loss(logits[..., 0], selection, mask)
+            self.add_loss(loss)
+            self._track_router_loss(loss)
 
         extras = []
         if self.return_router_outputs:
@@ -201,6 +289,14 @@ class MoDInfiniTransformer(InfiniTransformer):
                 logits = self.router(inputs)
             extras = [ops.reshape(selection, (-1, 1)), ops.reshape(logits, (-1, 1))]
         return self.pack_outputs(outputs, extras, memory, norm, return_state)
+
+    def _track_router_loss(self, loss):
+        """Updates `router_loss_tracker` unless its state is out of reach: inside JAX's
+        stateless `fit` step, Keras maps only model variables while `call` runs."""
+        scope = stateless_scope.get_stateless_scope()
+        if scope is not None and scope.get_current_value(self.router_loss_tracker.total) is None:
+            return
+        self.router_loss_tracker.update_state(loss)
 
     def router_loss(self, logits, selection, mask=None):
         """Mean BCE-from-logits over real tokens between `logits` and the selection."""
@@ -228,11 +324,34 @@ class MoDInfiniTransformer(InfiniTransformer):
 
     def get_config(self):
         config = super().get_config()
+        block = self.block.get_config()
+        for key in ("dim_input", "dim_hidden", "dim_key", "dim_value", "num_heads",
+                    "activation"):
+            config[key] = block[key]
+        config["segment_len"] = self.segment_len
+        config["sampling_factor"] = self.sampling_factor
+        for key in ("update", "causal"):
+            config[key] = block[key]
+        embedder = self._embedder_arg
+        if embedder is not None and not isinstance(embedder, str):
+            embedder = keras.saving.serialize_keras_object(embedder)
+        config["positional_embedder"] = embedder
+        for key in ("init_state_learnable", "dropout", "normalize_first",
+                    "layer_norm_epsilon"):
+            config[key] = block[key]
         config.update(
             {
-                "sampling_factor": self.sampling_factor,
+                "return_state": self.return_state,
                 "router_loss_weight": self.router_loss_weight,
                 "return_router_outputs": self.return_router_outputs,
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        embedder = config.get("positional_embedder")
+        if isinstance(embedder, dict):
+            config["positional_embedder"] = keras.saving.deserialize_keras_object(embedder)
+        return cls(**config)

@@ -39,6 +39,12 @@ def _positive_int(name, value):
     return int(value)
 
 
+def _int_axis(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"Invalid {name}={value!r}: expected an integer axis.")
+    return int(value)
+
+
 def _real(name, value, condition=lambda v: True, allowed="a finite real number"):
     if (
         isinstance(value, bool)
@@ -62,26 +68,43 @@ class RoPEEmbeddings(keras.layers.Layer):
     Channels `>= d_rot` pass through unchanged. `dim` may be odd.
 
     The layer holds no weights. Angles are exact to float32 rounding for every int32
-    position (digit tables, see the module docstring), so positions beyond `seq_len` are
-    fine. `cos`/`sin` and the rotation are computed in float32 whatever the input dtype, and
+    position (digit tables, see the module docstring), so any position is fine. `cos`/`sin` and the rotation are computed in float32 whatever the input dtype, and
     the result is cast back to the input dtype: the layer does not autocast its inputs to
     the dtype policy (`autocast=False` by default), a bfloat16 input gives a bfloat16 output.
 
+    Axes (keras-hub `RotaryEmbedding` semantics). Without explicit `positions`, token `j`
+    along `sequence_axis` gets position `start_index + j`, and the channels are read along
+    `feature_axis`. The defaults `sequence_axis=1`, `feature_axis=-1` are keras-hub's, so
+    `(batch, seq, dim)` and `(batch, seq, heads, dim)` inputs are rotated along the sequence.
+    **Changed default:** before `sequence_axis` existed, default positions ran along axis
+    `-2`; for rank-3 inputs that is the same axis, but a `(batch, heads, seq, dim)` input
+    called without `positions` was rotated along `seq` and is now rotated along `heads`
+    (and a rank-2 `(seq, dim)` input now raises). Pass `sequence_axis=-2` (or explicit
+    `positions`) to keep the old behaviour.
+
     Args:
-        dim: int, the size of the last axis of the inputs (e.g. the per-head key width).
-        seq_len: int, the segment length the layer is built for. Positions are not limited
-            to it.
+        dim: int, the size of the feature axis of the inputs (e.g. the per-head key width).
+        seq_len: deprecated and ignored. Positions were never limited by it; it is accepted
+            (when given, it must still be a positive int) so old code and saved configs load,
+            and it is no longer written by `get_config()`.
         dim_embeddings_pct: float in `(0, 1]`, the fraction of `dim` that is rotated. Must
             leave at least one pair (`int(dim * dim_embeddings_pct) >= 2`).
         base: float `> 1`, the frequency base.
+        sequence_axis: int, the axis of the default positions (default 1, as in keras-hub).
+            Unused when `positions` is passed.
+        feature_axis: int, the channel axis (default -1, as in keras-hub). Must differ from
+            `sequence_axis`.
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
-        inputs: float tensor `(..., seq, dim)`.
-        positions: optional integer (or float) tensor broadcastable to `inputs.shape[:-1]`,
-            e.g. `(batch, seq, 1)` for inputs `(batch, seq, heads, dim)`. Integer positions
-            must fit in int32. Defaults to `0..seq-1` along the second-to-last axis of
-            `inputs`.
+        inputs: float tensor with `dim` channels on `feature_axis`, e.g.
+            `(batch, seq, dim)` or `(batch, seq, heads, dim)`.
+        positions: optional integer (or float) tensor broadcastable to the input shape
+            without its feature axis, e.g. `(batch, seq, 1)` for inputs
+            `(batch, seq, heads, dim)`. Integer positions must fit in int32. Defaults to
+            `start_index + (0..seq-1)` along `sequence_axis`.
+        start_index: int or scalar tensor (integer or float), default 0, added to the
+            positions (keras-hub's argument, for decoding with a cache).
 
     Attributes:
         d_rot: the number of rotated channels.
@@ -93,21 +116,39 @@ class RoPEEmbeddings(keras.layers.Layer):
 
     >>> import numpy as np
     >>> from keras_infini import RoPEEmbeddings
-    >>> rope = RoPEEmbeddings(dim=8, seq_len=16)
-    >>> x = np.random.normal(size=(2, 4, 16, 8)).astype("float32")  # (batch, heads, seq, dim)
-    >>> tuple(rope(x).shape)  # default positions 0..15 along axis -2
-    (2, 4, 16, 8)
+    >>> rope = RoPEEmbeddings(dim=8)
     >>> q = np.random.normal(size=(2, 16, 4, 8)).astype("float32")  # (batch, seq, heads, dim)
-    >>> positions = 1000 + np.arange(16).reshape(1, 16, 1)  # broadcast over batch and heads
-    >>> tuple(rope(q, positions=positions).shape)
+    >>> tuple(rope(q).shape)  # default positions 0..15 along sequence_axis=1
     (2, 16, 4, 8)
+    >>> np.allclose(rope(q, start_index=1000), rope(q, positions=1000 + np.arange(16)[:, None]))
+    True
+    >>> x = np.random.normal(size=(2, 4, 16, 8)).astype("float32")  # (batch, heads, seq, dim)
+    >>> tuple(RoPEEmbeddings(dim=8, sequence_axis=2)(x).shape)
+    (2, 4, 16, 8)
     """
 
-    def __init__(self, dim, seq_len, dim_embeddings_pct=0.5, base=10000, **kwargs):
+    def __init__(
+        self,
+        dim,
+        seq_len=None,
+        dim_embeddings_pct=0.5,
+        base=10000,
+        sequence_axis=1,
+        feature_axis=-1,
+        **kwargs,
+    ):
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         dim = _positive_int("dim", dim)
-        seq_len = _positive_int("seq_len", seq_len)
+        if seq_len is not None:  # deprecated, ignored; still validated when given
+            seq_len = _positive_int("seq_len", seq_len)
+        sequence_axis = _int_axis("sequence_axis", sequence_axis)
+        feature_axis = _int_axis("feature_axis", feature_axis)
+        if sequence_axis == feature_axis:
+            raise ValueError(
+                f"Invalid sequence_axis={sequence_axis} and feature_axis={feature_axis}: "
+                "they must be different axes."
+            )
         dim_embeddings_pct = _real(
             "dim_embeddings_pct", dim_embeddings_pct, lambda v: 0 < v <= 1, "a number in (0, 1]"
         )
@@ -123,6 +164,8 @@ class RoPEEmbeddings(keras.layers.Layer):
         self.seq_len = seq_len
         self.dim_embeddings_pct = dim_embeddings_pct
         self.base = base
+        self.sequence_axis = sequence_axis
+        self.feature_axis = feature_axis
         self.d_rot = d_rot
         self.theta = float(base) ** (-2.0 * np.arange(d_rot // 2, dtype=np.float64) / d_rot)
         self.supports_masking = True
@@ -183,32 +226,78 @@ class RoPEEmbeddings(keras.layers.Layer):
         return cos, sin
 
     # ------------------------------------------------------------------ call
-    def _check_input_shape(self, shape, default_positions):
-        shape = tuple(shape)
-        if len(shape) < 1 or (shape[-1] is not None and shape[-1] != self.dim):
-            raise ValueError(
-                f"Invalid inputs of shape {shape}: the last axis must equal dim={self.dim}."
-            )
-        if default_positions and len(shape) < 2:
-            raise ValueError(
-                f"Invalid inputs of shape {shape}: default positions need inputs of shape "
-                "(..., seq, dim); pass positions explicitly."
-            )
+    def _axes(self, shape, default_positions):
+        """`(feature_axis, sequence_axis)` as non-negative ints for inputs of `shape`
+        (`sequence_axis` is None with explicit positions); validates the shape."""
+        rank = len(shape)
 
-    def call(self, inputs, positions=None):
-        inputs = ops.convert_to_tensor(inputs)
-        self._check_input_shape(inputs.shape, positions is None)
-        if positions is None:
-            seq = inputs.shape[-2]
-            if seq is None:
-                cos, sin = self._cos_sin(ops.arange(ops.shape(inputs)[-2], dtype="int32"))
-            else:
+        def normalize(name, axis):
+            if not -rank <= axis < rank:
+                raise ValueError(
+                    f"Invalid inputs of shape {tuple(shape)} for {name}={axis}: the inputs "
+                    f"have rank {rank}."
+                )
+            return axis % rank
+
+        feature = normalize("feature_axis", self.feature_axis)
+        if shape[feature] is not None and shape[feature] != self.dim:
+            raise ValueError(
+                f"Invalid inputs of shape {tuple(shape)}: axis {self.feature_axis} "
+                f"(feature_axis) must equal dim={self.dim}."
+            )
+        if not default_positions:
+            return feature, None
+        sequence = normalize("sequence_axis", self.sequence_axis)
+        if sequence == feature:
+            raise ValueError(
+                f"Invalid inputs of shape {tuple(shape)}: sequence_axis={self.sequence_axis} "
+                f"and feature_axis={self.feature_axis} name the same axis; default positions "
+                "need a separate sequence axis (or pass positions explicitly)."
+            )
+        return feature, sequence
+
+    def _default_positions(self, x, seq_axis, start_index):
+        """`start_index + arange(seq)` shaped to broadcast along `seq_axis` of `x` (whose
+        last axis is the feature axis), and the number of digit levels it needs."""
+        seq = x.shape[seq_axis]
+        levels = _NUM_DIGITS
+        if isinstance(start_index, numbers.Integral) and not isinstance(start_index, bool):
+            start = int(start_index)
+            p = ops.arange(ops.shape(x)[seq_axis] if seq is None else int(seq), dtype="int32")
+            if start:
+                p = p + start
+            if seq is not None and start >= 0:
                 levels = 1
-                while _DIGIT_BASE**levels < seq and levels < _NUM_DIGITS:
+                while _DIGIT_BASE**levels < start + seq and levels < _NUM_DIGITS:
                     levels += 1
-                cos, sin = self._cos_sin(ops.arange(int(seq), dtype="int32"), levels)
         else:
-            cos, sin = self._cos_sin(ops.convert_to_tensor(positions))
+            start = ops.convert_to_tensor(start_index)
+            length = ops.shape(x)[seq_axis] if seq is None else int(seq)
+            if keras.backend.is_float_dtype(keras.backend.standardize_dtype(start.dtype)):
+                p = ops.cast(ops.arange(length, dtype="int32"), start.dtype) + start
+            else:
+                p = ops.arange(length, dtype="int32") + ops.cast(start, "int32")
+        rank = len(x.shape)
+        shape = [1] * (rank - 1)
+        shape[seq_axis] = -1
+        return ops.reshape(p, shape), levels
+
+    def call(self, inputs, positions=None, start_index=0):
+        inputs = ops.convert_to_tensor(inputs)
+        feature, sequence = self._axes(inputs.shape, positions is None)
+        rank = len(inputs.shape)
+        x = ops.cast(inputs, "float32")
+        if feature != rank - 1:
+            x = ops.moveaxis(x, feature, -1)
+        if positions is None:
+            seq_axis = sequence if sequence < feature else sequence - 1
+            p, levels = self._default_positions(x, seq_axis, start_index)
+            cos, sin = self._cos_sin(p, levels)
+        else:
+            p = ops.convert_to_tensor(positions)
+            if not (isinstance(start_index, numbers.Integral) and start_index == 0):
+                p = ops.add(p, start_index)
+            cos, sin = self._cos_sin(p)
 
         # Per channel: out = x * C + swap_pairs(x) * S, with C = (cos_0, cos_0, cos_1, ...),
         # S = (-sin_0, sin_0, -sin_1, ...), and C = 1, S = 0 on the pass-through channels.
@@ -221,16 +310,17 @@ class RoPEEmbeddings(keras.layers.Layer):
         if self._scale != 1.0:
             c = c * self._scale
             s = s * self._scale
-        x = ops.cast(inputs, "float32")
         out = x * c + ops.take(x, ops.convert_to_tensor(self._swap), axis=-1) * s
+        if feature != rank - 1:
+            out = ops.moveaxis(out, -1, feature)
         return ops.cast(out, inputs.dtype)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
 
-    def compute_output_spec(self, inputs, positions=None):
+    def compute_output_spec(self, inputs, positions=None, start_index=0):
         # The output keeps the input dtype (no autocast), not the policy's compute dtype.
-        self._check_input_shape(inputs.shape, positions is None)
+        self._axes(inputs.shape, positions is None)
         return keras.KerasTensor(inputs.shape, dtype=inputs.dtype)
 
     def get_config(self):
@@ -238,9 +328,10 @@ class RoPEEmbeddings(keras.layers.Layer):
         config.update(
             {
                 "dim": self.dim,
-                "seq_len": self.seq_len,
                 "dim_embeddings_pct": self.dim_embeddings_pct,
                 "base": self.base,
+                "sequence_axis": self.sequence_axis,
+                "feature_axis": self.feature_axis,
             }
         )
         return config
@@ -262,7 +353,7 @@ class YaRNEmbeddings(RoPEEmbeddings):
 
     Args:
         dim: int, the size of the last axis of the inputs.
-        seq_len: int, the segment length the layer is built for.
+        seq_len: deprecated and ignored (see `RoPEEmbeddings`); not written by `get_config()`.
         context_len: number `> 0`, the context length the model was trained with.
         context_len_ext: number `>= context_len`, the extended context length.
         dim_embeddings_pct: float in `(0, 1]`, the fraction of `dim` that is rotated.
@@ -271,9 +362,10 @@ class YaRNEmbeddings(RoPEEmbeddings):
             frequency is interpolated by `s`).
         beta: number `> alpha`, the ramp's upper bound (above it the frequency is kept).
         len_scale: optional number `> 0` replacing `mscale = 0.1 ln(s) + 1`.
+        sequence_axis, feature_axis: as in `RoPEEmbeddings` (defaults 1 and -1).
         **kwargs: standard `keras.layers.Layer` arguments.
 
-    Call arguments: as in `RoPEEmbeddings`.
+    Call arguments: as in `RoPEEmbeddings` (`inputs`, `positions`, `start_index`).
 
     Attributes (besides those of `RoPEEmbeddings`):
         inv_freq: float64 NumPy `(d_rot / 2,)`, the interpolated frequencies `theta'_i`.
@@ -284,7 +376,7 @@ class YaRNEmbeddings(RoPEEmbeddings):
 
     >>> import numpy as np
     >>> from keras_infini import YaRNEmbeddings
-    >>> yarn = YaRNEmbeddings(dim=8, seq_len=16, context_len=16, context_len_ext=64)
+    >>> yarn = YaRNEmbeddings(dim=8, context_len=16, context_len_ext=64)
     >>> round(yarn.mscale, 4)  # 0.1 * ln(4) + 1
     1.1386
     >>> x = np.random.normal(size=(2, 16, 8)).astype("float32")
@@ -295,17 +387,29 @@ class YaRNEmbeddings(RoPEEmbeddings):
     def __init__(
         self,
         dim,
-        seq_len,
-        context_len,
-        context_len_ext,
+        seq_len=None,
+        context_len=None,
+        context_len_ext=None,
         dim_embeddings_pct=0.5,
         base=10000,
         alpha=1,
         beta=32,
         len_scale=None,
+        sequence_axis=1,
+        feature_axis=-1,
         **kwargs,
     ):
-        super().__init__(dim, seq_len, dim_embeddings_pct=dim_embeddings_pct, base=base, **kwargs)
+        # `context_len` and `context_len_ext` are required; they keep their positions after
+        # the deprecated `seq_len` so `YaRNEmbeddings(dim, seq_len, context_len, ...)` works.
+        super().__init__(
+            dim,
+            seq_len,
+            dim_embeddings_pct=dim_embeddings_pct,
+            base=base,
+            sequence_axis=sequence_axis,
+            feature_axis=feature_axis,
+            **kwargs,
+        )
         context_len = _real("context_len", context_len, lambda v: v > 0, "a positive number")
         context_len_ext = _real(
             "context_len_ext",

@@ -1,5 +1,8 @@
 """Byte-level text data for the examples: file readers, a stdlib corpus and a `PyDataset`.
 
+(Moved here from `keras_infini.datasets`: only the examples and their tests use it. The
+examples import it as `datasets`; the file name avoids shadowing the Hugging Face package.)
+
 Everything here is NumPy plus `keras.utils.PyDataset`, so it works on every backend.
 
 Byte vocabulary (`VOCAB_SIZE = 259`):
@@ -16,7 +19,7 @@ special ids and decodes the bytes as UTF-8 with invalid sequences replaced.
 
 Example:
 
->>> from keras_infini.datasets import stdlib_corpus, ByteLMDataset
+>>> from byte_datasets import stdlib_corpus, ByteLMDataset  # with examples/ on sys.path
 >>> train, val = stdlib_corpus(packages=["json"])           # split by file
 >>> data = ByteLMDataset(train, seq_len=256, batch_size=4, steps_per_epoch=10)
 >>> x, y = data[0]
