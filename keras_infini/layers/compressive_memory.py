@@ -4,6 +4,8 @@ import keras
 from keras import ops
 
 from keras_infini.layers._outputs import StatefulOutputsMixin
+from keras_infini.layers._weights import WeightArgsMixin
+from keras_infini.ops import backend as fast_paths
 from keras_infini.layers.rotary import RoPEEmbeddings
 from keras_infini.ops import attention as attention_ops
 from keras_infini.ops import loops
@@ -47,7 +49,7 @@ def resolve_positional_embedder(positional_embedder, dim_key, segment_len):
 
 
 @keras.saving.register_keras_serializable(package="keras_infini")
-class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
+class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Layer):
     """Infini-attention: local softmax attention plus a compressive memory across segments.
 
     The input is split into segments of `segment_len` tokens. Inside a segment every
@@ -82,8 +84,8 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
         dim_value: per-head value width.
         num_heads: number of heads.
         segment_len: tokens per segment.
-        sampling_factor: `None` or a number > 1. Accepted for compatibility with the
-            original PyTorch API; it does not change the computation.
+        sampling_factor: deprecated and ignored (the original PyTorch API took it; it never
+            changed the computation). Accepted so old code and configs load; not saved.
         update: `"linear"` or `"delta"` memory update.
         causal: causal masking inside each segment (the memory only ever holds earlier
             segments, so the layer is causal as a whole).
@@ -95,6 +97,14 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
             normaliser (`initial_norm`, ones, kept non-negative). Otherwise the initial
             state is zeros.
         return_state: also return the final `(memory, norm)` (float32).
+        group_tokens: long inputs run the whole layer in groups of this many tokens
+            (whole segments), state carried, so the working set does not grow with the
+            length: `"auto"` (4096 tokens; 2048 on PyTorch, measured in
+            benchmarks/bench_attention.py), `None` (all segments in one batch) or a
+            positive int. Results do not depend on it.
+        kernel_initializer, kernel_regularizer, kernel_constraint: for the query, key,
+            value and output projections (each gets its own clone), as in Keras'
+            `MultiHeadAttention`. Default `"glorot_uniform"`, no regularizer/constraint.
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -139,7 +149,11 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
         group_tokens="auto",
         **kwargs,
     ):
+        kwargs = self.set_weight_args(kwargs, with_bias=False)
         super().__init__(**kwargs)
+        # torch: dynamo recompiles these layers until its limit; Keras then runs
+        # `jit_compile=True` eagerly with a warning (see `ops.backend.supports_jit`).
+        self.supports_jit = fast_paths.supports_jit()
         self.dim_input = validation.positive_int("dim_input", dim_input, allow_none=True)
         self.dim_key = validation.positive_int("dim_key", dim_key)
         self.dim_value = validation.positive_int("dim_value", dim_value)
@@ -181,9 +195,9 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
             layer = keras.layers.EinsumDense(
                 equation,
                 output_shape=output_shape,
-                kernel_initializer="glorot_uniform",
                 name=name,
                 dtype=self.dtype_policy,
+                **self.weight_kwargs(bias=False),
             )
             return layer
 
@@ -407,13 +421,13 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
                 "dim_value": self.dim_value,
                 "num_heads": self.num_heads,
                 "segment_len": self.segment_len,
-                "sampling_factor": self.sampling_factor,
                 "update": self.update,
                 "causal": self.causal,
                 "positional_embedder": embedder,
                 "init_state_learnable": self.init_state_learnable,
                 "return_state": self.return_state,
                 "group_tokens": self.group_tokens,
+                **self.weight_config(),
             }
         )
         return config

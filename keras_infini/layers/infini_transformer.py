@@ -4,6 +4,7 @@ import keras
 
 from keras_infini import validation
 from keras_infini.layers._outputs import StatefulOutputsMixin
+from keras_infini.layers._weights import WeightArgsMixin
 from keras_infini.layers.activations import get_activation
 from keras_infini.layers.compressive_memory import CompressiveMemory
 from keras_infini.layers.compressive_memory import resolve_positional_embedder
@@ -19,7 +20,7 @@ def named_positional_embedder(positional_embedder, dim_key, seq_len):
 
 
 @keras.saving.register_keras_serializable(package="keras_infini")
-class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
+class InfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Layer):
     """Transformer block: Infini-attention (`CompressiveMemory`) and a gated-activation MLP.
 
     With `normalize_first=True` (pre-norm, default):
@@ -63,6 +64,10 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
         normalize_first: pre-norm (`True`) or post-norm (`False`).
         layer_norm_epsilon: epsilon of both `LayerNormalization`s.
         return_state: also return the attention's final `(memory, norm)`.
+        kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer,
+            kernel_constraint, bias_constraint: for every projection (attention
+            query/key/value/output kernels, MLP `mlp_in`/`mlp_out` kernels and biases), each
+            sublayer getting its own clone, as in Keras' `MultiHeadAttention`.
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -100,6 +105,7 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
         return_state=False,
         **kwargs,
     ):
+        kwargs = self.set_weight_args(kwargs, with_bias=True)
         super().__init__(**kwargs)
         self.dim_input = validation.positive_int("dim_input", dim_input, allow_none=True)
         self.dim_hidden = validation.positive_int("dim_hidden", dim_hidden)
@@ -139,6 +145,7 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
             return_state=True,
             dtype=self.dtype_policy,
             name="attention",
+            **self.weight_kwargs(bias=False),
         )
         self.mlp_activation = get_activation(activation, self.dim_hidden, name="mlp_activation")
         self.attention_norm = keras.layers.LayerNormalization(
@@ -147,7 +154,9 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
         self.mlp_norm = keras.layers.LayerNormalization(
             epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="mlp_norm"
         )
-        self.mlp_in = keras.layers.Dense(self.dim_hidden, dtype=self.dtype_policy, name="mlp_in")
+        self.mlp_in = keras.layers.Dense(
+            self.dim_hidden, dtype=self.dtype_policy, name="mlp_in", **self.weight_kwargs()
+        )
         self.attention_dropout = keras.layers.Dropout(
             self.dropout, dtype=self.dtype_policy, name="attention_dropout"
         )
@@ -181,7 +190,9 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
         self.mlp_norm.build(shape)
         self.mlp_in.build(shape)
         self.mlp_activation.build((None, None, self.dim_hidden))
-        self.mlp_out = keras.layers.Dense(self.dim_input, dtype=self.dtype_policy, name="mlp_out")
+        self.mlp_out = keras.layers.Dense(
+            self.dim_input, dtype=self.dtype_policy, name="mlp_out", **self.weight_kwargs()
+        )
         self.mlp_out.build((None, None, self.dim_hidden))
         # Checked on every call once built: wrong rank or width -> ValueError.
         self.input_spec = keras.InputSpec(ndim=3, axes={-1: self.dim_input})
@@ -232,6 +243,7 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
+        config.update(self.weight_config())
         embedder = self._embedder_arg
         if embedder is not None and not isinstance(embedder, str):
             embedder = keras.saving.serialize_keras_object(embedder)

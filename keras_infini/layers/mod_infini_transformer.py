@@ -11,6 +11,7 @@ from keras.src.backend.common import stateless_scope
 
 from keras_infini import validation
 from keras_infini.layers._outputs import StatefulOutputsMixin
+from keras_infini.layers._weights import WeightArgsMixin
 from keras_infini.layers.infini_transformer import InfiniTransformer
 from keras_infini.layers.infini_transformer import named_positional_embedder
 from keras_infini.ops import routing
@@ -61,7 +62,7 @@ def _block_alias(name):
 
 
 @keras.saving.register_keras_serializable(package="keras_infini")
-class MoDInfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
+class MoDInfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Layer):
     """Mixture-of-Depths `InfiniTransformer`: only `k` tokens per segment enter the block.
 
     Composition: a router (`Dense(1)`, attribute `router`) and an inner `InfiniTransformer`
@@ -97,6 +98,9 @@ class MoDInfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
         update, causal, positional_embedder, init_state_learnable, dropout,
         normalize_first, layer_norm_epsilon, return_state: as in `InfiniTransformer`.
         router_loss_weight: non-negative weight of the router loss.
+        kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer,
+            kernel_constraint, bias_constraint: for every projection of the block and the
+            router (see `InfiniTransformer`).
         return_router_outputs: also return `selection` (float 0/1, the routing used) and
             `logits`, both `(batch * seq_len, 1)`.
         **kwargs: standard `keras.layers.Layer` arguments.
@@ -151,6 +155,7 @@ class MoDInfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
         return_router_outputs=False,
         **kwargs,
     ):
+        kwargs = self.set_weight_args(kwargs, with_bias=True)
         super().__init__(**kwargs)
         segment_len = validation.positive_int("segment_len", segment_len)
         self.segment_len = segment_len
@@ -187,8 +192,11 @@ class MoDInfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
             return_state=True,
             dtype=self.dtype_policy,
             name="block",
+            **self.weight_kwargs(),
         )
-        self.router = keras.layers.Dense(1, dtype=self.dtype_policy, name="router")
+        self.router = keras.layers.Dense(
+            1, dtype=self.dtype_policy, name="router", **self.weight_kwargs()
+        )
         self.router_loss_tracker = _RouterLossMean(name="router_loss")
 
     # The block's arguments, read back from it (one source of truth).
@@ -324,6 +332,7 @@ class MoDInfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
+        config.update(self.weight_config())
         block = self.block.get_config()
         for key in ("dim_input", "dim_hidden", "dim_key", "dim_value", "num_heads",
                     "activation"):
