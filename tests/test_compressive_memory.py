@@ -332,7 +332,7 @@ def test_sampling_factor_does_not_change_computation():
 def test_string_rope_builds_matching_embedder():
     layer = CompressiveMemory(D, DK, DV, H, S, positional_embedder="rope")
     assert isinstance(layer.positional_embedder, RoPEEmbeddings)
-    assert layer.positional_embedder.dim == DK and layer.positional_embedder.seq_len == S
+    assert layer.positional_embedder.dim == DK and layer.positional_embedder.name == "positional_embedder"
 
 
 @pytest.mark.parametrize("kwargs,name", [

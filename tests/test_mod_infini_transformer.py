@@ -324,7 +324,9 @@ def test_block_is_a_composed_infini_transformer():
         ["name", "trainable", "dtype", "dim_input", "dim_hidden", "dim_key", "dim_value",
          "num_heads", "activation", "segment_len", "sampling_factor", "update", "causal",
          "positional_embedder", "init_state_learnable", "dropout", "normalize_first",
-         "layer_norm_epsilon", "return_state", "router_loss_weight", "return_router_outputs"])
+         "layer_norm_epsilon", "return_state", "router_loss_weight", "return_router_outputs",
+         "kernel_initializer", "bias_initializer", "kernel_regularizer", "bias_regularizer",
+         "kernel_constraint", "bias_constraint"])
 
 
 def test_router_loss_logged_by_fit():

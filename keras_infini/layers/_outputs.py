@@ -4,7 +4,8 @@ import keras
 
 
 class StatefulOutputsMixin:
-    """`outputs`, then optional extra outputs, then optional `(memory, norm)`.
+    """`outputs`, then optional extra outputs, then optional `(memory, norm)`; and the
+    `positional_embedder` argument's serialisation, shared by the three stateful layers.
 
     `return_state` is a constructor argument and can be overridden per call
     (`layer(x, initial_state=s, return_state=True)`), which the streaming helpers use.
@@ -49,3 +50,19 @@ class StatefulOutputsMixin:
     def compute_mask(self, inputs, mask=None):
         count = len(self._output_specs((None, None, None)))
         return mask if count == 1 else [mask] + [None] * (count - 1)
+
+    def embedder_config(self):
+        """The `positional_embedder` argument for `get_config`: `None`, `"rope"`, or the
+        serialised embedder layer."""
+        embedder = self._embedder_arg
+        if embedder is not None and not isinstance(embedder, str):
+            embedder = keras.saving.serialize_keras_object(embedder)
+        return embedder
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        embedder = config.get("positional_embedder")
+        if isinstance(embedder, dict):
+            config["positional_embedder"] = keras.saving.deserialize_keras_object(embedder)
+        return cls(**config)

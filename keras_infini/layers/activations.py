@@ -100,10 +100,7 @@ class _Activation(keras.layers.Layer):
 class ReLU(_Activation):
     """`max(x, 0)`, elementwise.
 
-    Args:
-        dim: optional int, the size of the last axis of the inputs; checked at build when
-            given. `None` accepts any width.
-        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+    Args: `dim` (optional, checked at build) and layer arguments, as every activation.
 
     Example:
 
@@ -121,10 +118,7 @@ class ReLU(_Activation):
 class GELU(_Activation):
     """Exact GELU, `x * Phi(x) = 0.5 x (1 + erf(x / sqrt(2)))` (not the tanh approximation).
 
-    Args:
-        dim: optional int, the size of the last axis of the inputs; checked at build when
-            given. `None` accepts any width.
-        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+    Args: `dim` (optional, checked at build) and layer arguments, as every activation.
 
     Example:
 
@@ -143,10 +137,7 @@ class GELU(_Activation):
 class Abs(_Activation):
     """`|x|`, elementwise.
 
-    Args:
-        dim: optional int, the size of the last axis of the inputs; checked at build when
-            given. `None` accepts any width.
-        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+    Args: `dim` (optional, checked at build) and layer arguments, as every activation.
 
     Example:
 
@@ -164,10 +155,7 @@ class Abs(_Activation):
 class SiLU(_Activation):
     """`x * sigmoid(x)` (SiLU), no weights; exactly `keras.activations.silu`.
 
-    Args:
-        dim: optional int, the size of the last axis of the inputs; checked at build when
-            given. `None` accepts any width.
-        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+    Args: `dim` (optional, checked at build) and layer arguments, as every activation.
 
     Example:
 

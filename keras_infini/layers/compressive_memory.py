@@ -411,9 +411,7 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
     # ------------------------------------------------------------------ config
     def get_config(self):
         config = super().get_config()
-        embedder = self._embedder_arg
-        if embedder is not None and not isinstance(embedder, str):
-            embedder = keras.saving.serialize_keras_object(self.positional_embedder)
+        embedder = self.embedder_config()
         config.update(
             {
                 "dim_input": self.dim_input,
@@ -431,11 +429,3 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
             }
         )
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        embedder = config.get("positional_embedder")
-        if isinstance(embedder, dict):
-            config["positional_embedder"] = keras.saving.deserialize_keras_object(embedder)
-        return cls(**config)

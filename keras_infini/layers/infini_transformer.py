@@ -244,9 +244,7 @@ class InfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
     def get_config(self):
         config = super().get_config()
         config.update(self.weight_config())
-        embedder = self._embedder_arg
-        if embedder is not None and not isinstance(embedder, str):
-            embedder = keras.saving.serialize_keras_object(embedder)
+        embedder = self.embedder_config()
         config.update(
             {
                 "dim_input": self.dim_input,
@@ -271,11 +269,3 @@ class InfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
             }
         )
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        embedder = config.get("positional_embedder")
-        if isinstance(embedder, dict):
-            config["positional_embedder"] = keras.saving.deserialize_keras_object(embedder)
-        return cls(**config)

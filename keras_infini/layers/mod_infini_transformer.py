@@ -341,9 +341,7 @@ class MoDInfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.L
         config["sampling_factor"] = self.sampling_factor
         for key in ("update", "causal"):
             config[key] = block[key]
-        embedder = self._embedder_arg
-        if embedder is not None and not isinstance(embedder, str):
-            embedder = keras.saving.serialize_keras_object(embedder)
+        embedder = self.embedder_config()
         config["positional_embedder"] = embedder
         for key in ("init_state_learnable", "dropout", "normalize_first",
                     "layer_norm_epsilon"):
@@ -356,11 +354,3 @@ class MoDInfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.L
             }
         )
         return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        embedder = config.get("positional_embedder")
-        if isinstance(embedder, dict):
-            config["positional_embedder"] = keras.saving.deserialize_keras_object(embedder)
-        return cls(**config)
