@@ -66,6 +66,8 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
         normalize_first: pre-norm (`True`) or post-norm (`False`).
         layer_norm_epsilon: epsilon of both `LayerNormalization`s.
         return_state: also return the attention's final `(memory, norm)`.
+        memory_feature_map, write_strength, gate_init, gate_lr_scale: memory options of
+            `attention`, see `CompressiveMemory` (defaults: the paper's layer).
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -101,6 +103,10 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
         normalize_first=True,
         layer_norm_epsilon=1e-5,
         return_state=False,
+        memory_feature_map="elu1",
+        write_strength=False,
+        gate_init=0.0,
+        gate_lr_scale=1.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -142,6 +148,10 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
             positional_embedder=embedder,
             init_state_learnable=init_state_learnable,
             return_state=True,
+            memory_feature_map=memory_feature_map,
+            write_strength=write_strength,
+            gate_init=gate_init,
+            gate_lr_scale=gate_lr_scale,
             dtype=self.dtype_policy,
             name="attention",
         )
@@ -248,6 +258,10 @@ class InfiniTransformer(StatefulOutputsMixin, keras.layers.Layer):
                 "normalize_first": self.normalize_first,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "return_state": self.return_state,
+                "memory_feature_map": self.attention.memory_feature_map,
+                "write_strength": self.attention.write_strength,
+                "gate_init": self.attention.gate_init,
+                "gate_lr_scale": self.attention.gate_lr_scale,
             }
         )
         return config
