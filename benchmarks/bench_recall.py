@@ -170,7 +170,8 @@ def gate_values(block):
     return (1.0 / (1.0 + np.exp(-scale * raw))).tolist()
 
 
-def child(args):
+def run_config(args):
+    """Trains and evaluates one (configuration, pairs, seed); returns the result dict."""
     import keras
     import numpy as np
 
@@ -216,12 +217,12 @@ def child(args):
         logits = model.predict(xe, batch_size=batch, verbose=0)
         pred = np.argmax(np.asarray(logits), axis=-1)
         accuracy[str(scale)] = float(((pred == ye) * we).sum() / we.sum())
-    _common.emit_result({
+    return {
         "config": args.config, "pairs": args.pairs, "seed": args.seed,
         "accuracy": accuracy, "final_loss": losses[-1], "train_s": train_s,
         "gates": [gate_values(b) for b in blocks],
         "backend": keras.backend.backend(),
-    })
+    }
 
 
 # --------------------------------------------------------------------------- parent
@@ -326,16 +327,18 @@ def parse_args(argv=None):
     p.add_argument("--png", default="recall.png")
     p.add_argument("--json", default=None)
     p.add_argument("--quick", action="store_true",
-                   help="tiny smoke configuration (seconds): 2 pairs, 20 steps, 1 seed")
+                   help="tiny smoke configuration (seconds): 2 pairs, 10 steps, 1 seed")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the configurations in this process (smoke tests)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--pair-count", type=int, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.pairs, args.seeds, args.steps, args.batch = [2], [0], 20, 8
-        args.layers, args.train_fillers, args.scales, args.eval_examples = 1, 1, [1, 2], 16
-        args.configs = ["ceiling", "floor", "linear"]
+        args.pairs, args.seeds, args.steps, args.batch = [2], [0], 10, 4
+        args.layers, args.train_fillers, args.scales, args.eval_examples = 1, 1, [1, 2], 8
+        args.configs = ["ceiling", "delta-l2-beta-gate"]
     return args
 
 
@@ -343,15 +346,20 @@ def main(argv=None):
     args = parse_args(argv)
     if args.child:
         args.pairs = args.pair_count
-        child(args)
+        _common.emit_result(run_config(args))
         return 0
     records = []
     for config in args.configs:
         for pairs in args.pairs:
             for seed in args.seeds:
-                status, result, info = _common.run_child(
-                    child_argv(args, config, pairs, seed), args.timeout
-                )
+                if args.in_process:
+                    one = argparse.Namespace(**vars(args))
+                    one.config, one.pairs, one.seed = config, pairs, seed
+                    status, result, info = "ok", run_config(one), {}
+                else:
+                    status, result, info = _common.run_child(
+                        child_argv(args, config, pairs, seed), args.timeout
+                    )
                 records.append({"config": config, "pairs": pairs, "seed": seed,
                                 "status": status, "result": result, "info": info})
                 acc = result["accuracy"] if result else info["stderr_tail"][-600:]
