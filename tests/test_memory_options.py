@@ -98,14 +98,14 @@ def make_layer(update="delta", feature_map="l2", write_strength=True, gate_lr_sc
     layer.gate.assign(rng.normal(size=(H,)).astype("float32"))
     if write_strength:
         layer.beta_dense.kernel.assign(rng.normal(size=(D, H)).astype("float32"))
-        layer.beta_dense.bias.assign(rng.normal(size=(H, 1)).astype("float32"))
+        layer.beta_dense.bias.assign(rng.normal(size=(H,)).astype("float32"))
     return layer
 
 
 def reference_for(layer, x, **kw):
     extra = {}
     if layer.write_strength:
-        extra = dict(wb=to_numpy(layer.beta_dense.kernel), bb=to_numpy(layer.beta_dense.bias).reshape(-1))
+        extra = dict(wb=to_numpy(layer.beta_dense.kernel), bb=to_numpy(layer.beta_dense.bias))
     return reference(
         x, to_numpy(layer.query_dense.kernel), to_numpy(layer.key_dense.kernel),
         to_numpy(layer.value_dense.kernel), to_numpy(layer.output_dense.kernel),
@@ -122,13 +122,16 @@ def inputs(length, batch=B, seed=0):
 OPTIONS = list(itertools.product(["linear", "delta"], ["elu1", "l2"], [False, True]))
 
 
+@pytest.mark.parametrize("length", [8, 14])
 @pytest.mark.parametrize("update,feature_map,write_strength", OPTIONS)
-def test_matches_reference(update, feature_map, write_strength):
+def test_matches_reference(update, feature_map, write_strength, length):
+    # 14: 3 full segments and a partial one, with a fully masked segment. 8: 2 segments,
+    # as many as heads (TF's `ops.add` once added a `(h, 1)` bias on the segment axis).
     layer = make_layer(update, feature_map, write_strength, gate_lr_scale=3.0,
                        return_state=True)
-    x = inputs(14)  # 3 full segments and a partial one
-    mask = np.random.default_rng(3).uniform(size=(B, 14)) > 0.3
-    mask[0, :4] = False  # a fully masked segment
+    x = inputs(length)
+    mask = np.random.default_rng(3).uniform(size=(B, length)) > 0.3
+    mask[0, :4] = False
     out, memory, norm = layer(x, mask=mask)
     want, want_m, want_z = reference_for(layer, x, mask=mask)
     np.testing.assert_allclose(to_numpy(out), want, atol=ATOL, rtol=1e-4)

@@ -314,9 +314,12 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
             name="gate", shape=(h,), initializer=self._gate_initializer(), trainable=True
         )
         if self.write_strength:
+            # Heads last, bias `(h,)`: on TensorFlow, Keras 3.15's `ops.add` takes a
+            # `(h, 1)` bias for a `tf.nn.bias_add` and adds it on axis 1 whenever that
+            # axis (here the number of segments) happens to equal `h`.
             self.beta_dense = keras.layers.EinsumDense(
-                "bnsd,dh->bnhs",
-                output_shape=(None, h, self.segment_len),
+                "bnsd,dh->bnsh",
+                output_shape=(None, self.segment_len, h),
                 bias_axes="h",
                 kernel_initializer="glorot_uniform",
                 name="write_strength",
@@ -532,7 +535,8 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
         read_k = memory_ops.feature_map(key, self.memory_feature_map)  # (b, n, h, S, dk)
         write_k = read_k
         if self.write_strength:
-            beta = ops.sigmoid(ops.cast(self.beta_dense(x), "float32"))  # (b, n, h, S)
+            beta = ops.sigmoid(ops.cast(self.beta_dense(x), "float32"))  # (b, n, S, h)
+            beta = ops.swapaxes(beta, 2, 3)  # (b, n, h, S)
             write_k = read_k * beta[..., None]
         if valid is not None:  # select, not multiply: a masked NaN must not leak
             keep = ops.cast(valid, "bool")[:, :, None, :, None]
