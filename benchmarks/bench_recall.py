@@ -362,8 +362,13 @@ def main(argv=None):
                     )
                 records.append({"config": config, "pairs": pairs, "seed": seed,
                                 "status": status, "result": result, "info": info})
-                acc = result["accuracy"] if result else info["stderr_tail"][-600:]
-                print(f"# {config} pairs={pairs} seed={seed}: {status} {acc}", flush=True)
+                if result:
+                    gates = [round(g, 2) for block in result["gates"] for g in block]
+                    detail = (f"{result['accuracy']} loss {result['final_loss']:.3f} train "
+                              f"{result['train_s']:.0f} s gates {gates}")
+                else:
+                    detail = info["stderr_tail"][-600:]
+                print(f"# {config} pairs={pairs} seed={seed}: {status} {detail}", flush=True)
     print(f"\nbackend {os.environ.get('KERAS_BACKEND', 'tensorflow')}, keys {args.keys}, "
           f"values {args.values}, width {args.width}, heads {args.heads}, layers "
           f"{args.layers}, segment {args.segment_len}, steps {args.steps}, batch "
