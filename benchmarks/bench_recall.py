@@ -84,7 +84,8 @@ def _value_slots(values):
 # --------------------------------------------------------------------------- data
 def make_batch(rng, n, pairs, *, keys, values, fillers, segment_len, filler_segments,
                layout, max_pairs=None):
-    """Returns `(x (n, L, 2) int32, y (n, L) int32, weight (n, L) float32)`.
+    """Returns `(x (n, L, 2) int32, y (n, L) int32, weight (n, L) float32)`; the weight
+    is 1 on the query positions and 0 elsewhere.
 
     `pairs` pairs per example, or with `max_pairs` a number drawn uniformly in
     `1..max_pairs` per example (mixed difficulty, a curriculum that keeps easy examples).
@@ -200,6 +201,9 @@ def run_config(args):
         rng, args.steps * args.batch, args.pairs, filler_segments=args.train_fillers,
         max_pairs=args.pairs if args.curriculum == "mix" else None, **common,
     )
+    # Weights summing to the length per example: Keras divides the weighted sum by all
+    # positions, so the reported loss is the mean cross-entropy per answer (nats).
+    w = w * (w.shape[1] / w.sum(axis=1, keepdims=True))
     start = time.perf_counter()
     history = model.fit(x, y, sample_weight=w, batch_size=args.batch, epochs=1,
                         shuffle=False, verbose=0)
