@@ -150,9 +150,10 @@ def build_model(args, memory_kwargs):
     inputs = keras.Input((None, 2), dtype="int32")
     h = PairEmbedding(args.keys + args.fillers, slots["size"], args.width)(inputs)
     head_dim = args.width // args.heads
+    dim_key = args.dim_key or head_dim
     for i in range(args.layers):
         h = InfiniTransformer(
-            args.width, 4 * args.width, head_dim, head_dim, args.heads, "gelu",
+            args.width, 4 * args.width, dim_key, head_dim, args.heads, "gelu",
             segment_len=args.segment_len, causal=True, name=f"block{i}", **memory_kwargs,
         )(h)
     h = keras.layers.LayerNormalization()(h)
@@ -233,7 +234,8 @@ def run_config(args):
 def child_argv(args, config, pairs, seed):
     argv = [sys.executable, os.path.abspath(__file__), "--child", "--config", config,
             "--pair-count", str(pairs), "--seed", str(seed)]
-    for name in ("keys", "values", "fillers", "width", "heads", "layers", "segment_len",
+    for name in ("keys", "values", "fillers", "width", "heads", "dim_key", "layers",
+                 "segment_len",
                  "steps", "batch", "lr", "train_fillers", "eval_examples", "curriculum"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     argv += ["--scales"] + [str(s) for s in args.scales]
@@ -316,6 +318,8 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--dim-key", type=int, default=0,
+                   help="per-head key width (0: width / heads, like the values)")
     p.add_argument("--segment-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=32)
@@ -374,7 +378,8 @@ def main(argv=None):
                     detail = info["stderr_tail"][-600:]
                 print(f"# {config} pairs={pairs} seed={seed}: {status} {detail}", flush=True)
     print(f"\nbackend {os.environ.get('KERAS_BACKEND', 'tensorflow')}, keys {args.keys}, "
-          f"values {args.values}, width {args.width}, heads {args.heads}, layers "
+          f"values {args.values}, width {args.width}, heads {args.heads}, dim_key "
+          f"{args.dim_key or args.width // args.heads}, layers "
           f"{args.layers}, segment {args.segment_len}, steps {args.steps}, batch "
           f"{args.batch}, lr {args.lr}, train fillers {args.train_fillers}, curriculum "
           f"{args.curriculum}; chance {100 / args.values:.1f}%")
