@@ -73,6 +73,13 @@ CONFIGS = {
          "gate_init": 0.0, "gate_lr_scale": 10.0},
     ),
     "linear-gate": ("cross", False, {"update": "linear", "gate_lr_scale": 10.0}),
+    "linear-beta-gate": ("cross", False, {"update": "linear", "write_strength": True,
+                                          "gate_lr_scale": 10.0}),
+    "delta-elu1l2-beta-gate": (
+        "cross", False,
+        {"update": "delta", "memory_feature_map": "elu1_l2", "write_strength": True,
+         "gate_lr_scale": 10.0},
+    ),
     "delta-gate": ("cross", False, {"update": "delta", "gate_lr_scale": 10.0}),
 }
 

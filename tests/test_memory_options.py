@@ -21,6 +21,8 @@ ATOL = 2e-5
 def phi(t, name):
     if name == "elu1":
         return ref.sigma(t)
+    if name == "elu1_l2":
+        t = ref.sigma(t)
     return t / max(np.linalg.norm(t), 1e-6)
 
 
@@ -28,8 +30,8 @@ def reference(x, wq, wk, wv, wo, gate, *, segment_len, update, causal, feature_m
               gate_scale=1.0, wb=None, bb=None, mask=None, memory0=None, norm0=None):
     """Infini-attention with the options, one batch element, head and token at a time.
 
-    phi: "elu1" (read `phi(q) M / (phi(q) z + eps)`) or "l2" (`t / ||t||`, read
-    `phi(q) M`). Write strength beta_t = sigmoid(x_t wb + bb) (1 without `wb`):
+    phi: "elu1" (read `phi(q) M / (phi(q) z + eps)`), "l2" (`t / ||t||`, read
+    `phi(q) M`) or "elu1_l2" (`sigma(t) / ||sigma(t)||`, read `phi(q) M`). Write strength beta_t = sigmoid(x_t wb + bb) (1 without `wb`):
     linear M += beta phi(k)^T v; delta M += beta phi(k)^T (v - read(phi(k)));
     z += beta phi(k). Gate sigmoid(gate_scale * gate).
     """
@@ -119,7 +121,8 @@ def inputs(length, batch=B, seed=0):
     return np.random.default_rng(seed).normal(size=(batch, length, D)).astype("float32")
 
 
-OPTIONS = list(itertools.product(["linear", "delta"], ["elu1", "l2"], [False, True]))
+OPTIONS = list(itertools.product(["linear", "delta"], ["elu1", "l2", "elu1_l2"],
+                                 [False, True]))
 
 
 @pytest.mark.parametrize("length", [8, 14])

@@ -159,8 +159,10 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
             `"l2"` (DeltaNet, Yang et al. 2024): `phi(t) = t / ||t||_2` per head, read
             without normaliser, `A_mem = phi(Q) M`, delta error `V - phi(K) M`; unit keys
             make the delta rule replace a stored value instead of piling values up (with
-            a positive map every two keys overlap). The normaliser `z` is still
-            accumulated (from the write keys) so the state keeps its shape.
+            a positive map every two keys overlap). `"elu1_l2"`: `elu + 1` divided by its
+            L2 norm, read like `"l2"` (unit, positive, possibly sparse keys). The
+            normaliser `z` is still accumulated (from the write keys) so the state keeps
+            its shape.
         write_strength: `False` (default) or `True`: a learned write strength per token
             and head, `beta = sigmoid(x W_beta + b_beta)` (sublayer `beta_dense`, bias
             zeros: 0.5 at initialisation), that scales each token's write:

@@ -249,8 +249,10 @@ def retrieve(sigma_q, memory_before, norm_before):
 # (Yang et al. 2024): keys and queries divided by their L2 norm, read without a
 # normaliser, `A_mem = phi(Q) M`: with unit keys and write strengths in [0, 1] the delta
 # update is a contraction along each key (M stays bounded), and the retrieval of a stored
-# key returns its value, not a value divided by an accumulated `phi(q) z`.
-FEATURE_MAPS = ("elu1", "l2")
+# key returns its value, not a value divided by an accumulated `phi(q) z`. "elu1_l2" is
+# `(elu + 1)` divided by its L2 norm, also read without normaliser: unit keys for the delta
+# rule that keep ELU+1's ability to learn sparse (nearly orthogonal) positive features.
+FEATURE_MAPS = ("elu1", "l2", "elu1_l2")
 NORMALISED_FEATURE_MAPS = ("elu1",)  # maps read with `/ (phi(q) z + eps)`
 
 
@@ -267,6 +269,8 @@ def feature_map(x, name):
         return sigma(x)
     if name == "l2":
         return l2_normalize(x)
+    if name == "elu1_l2":
+        return l2_normalize(sigma(x))
     raise ValueError(f"Unknown feature map {name!r}; expected one of {FEATURE_MAPS}.")
 
 
