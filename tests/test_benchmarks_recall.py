@@ -35,15 +35,15 @@ def test_bench_recall_quick(bench, tmp_path, capsys):
     assert rc == 0
     assert png.exists() and png.stat().st_size > 1000
     records = json.loads(out.read_text())["records"]
-    assert {r["config"] for r in records} == {"ceiling", "delta-l2-beta-gate"}
+    assert {r["config"] for r in records} == {"ceiling", "linear-beta-gate"}
     for record in records:
         result = record["result"]
         assert record["status"] == "ok" and result["backend"] == keras.backend.backend()
         assert all(0.0 <= a <= 1.0 for a in result["accuracy"].values())
-    memory = next(r["result"] for r in records if r["config"] == "delta-l2-beta-gate")
+    memory = next(r["result"] for r in records if r["config"] == "linear-beta-gate")
     assert set(memory["accuracy"]) == {"1", "2"}  # both evaluation distances
     printed = capsys.readouterr().out
-    assert "| ceiling" in printed and "| delta-l2-beta-gate" in printed
+    assert "| ceiling" in printed and "| linear-beta-gate" in printed
 
 
 def test_make_batch_layout(bench):
