@@ -175,6 +175,9 @@ class CompressiveMemory(StatefulOutputsMixin, keras.layers.Layer):
             `raw = gate_init / gate_lr_scale` and used as `sigmoid(gate_lr_scale * raw)`,
             so with Adam the gate logit moves `gate_lr_scale` times faster than the other
             weights (a scaled parametrisation; at 1.0 the layer is the paper's).
+            For multi-key recall across segments `update="linear"`,
+            `write_strength=True`, `gate_lr_scale=10.0` measured best (README, "Memory
+            options"; benchmarks/bench_recall.py).
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
