@@ -132,3 +132,14 @@ def state(value, inputs, num_heads, dim_key, dim_value, name="initial_state"):
                 f"dim_value={dim_value})."
             )
     return value
+
+
+def gate_init(value, num_heads):
+    """An initial gate logit: a finite number, or a list of `num_heads` finite numbers."""
+    allowed = (f"a finite number or a list of num_heads={num_heads} finite numbers "
+               "(gate logits, sigmoid(0) = 0.5)")
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_heads:
+            raise ValueError(f"Invalid gate_init={value!r}: expected {allowed}.")
+        return [float(real("gate_init", v, allowed=allowed)) for v in value]
+    return float(real("gate_init", value, allowed=allowed))

@@ -326,7 +326,8 @@ def test_block_is_a_composed_infini_transformer():
          "positional_embedder", "init_state_learnable", "dropout", "normalize_first",
          "layer_norm_epsilon", "return_state", "router_loss_weight", "return_router_outputs",
          "kernel_initializer", "bias_initializer", "kernel_regularizer", "bias_regularizer",
-         "kernel_constraint", "bias_constraint"])
+         "kernel_constraint", "bias_constraint", "memory_feature_map", "write_strength",
+         "gate_init", "gate_lr_scale"])
 
 
 def test_router_loss_logged_by_fit():

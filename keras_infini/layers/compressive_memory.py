@@ -105,6 +105,31 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
         kernel_initializer, kernel_regularizer, kernel_constraint: for the query, key,
             value and output projections (each gets its own clone), as in Keras'
             `MultiHeadAttention`. Default `"glorot_uniform"`, no regularizer/constraint.
+        memory_feature_map: feature map `phi` of the memory's queries and keys.
+            `"elu1"` (default, the paper): `phi = elu + 1`, read as
+            `phi(Q) M / (phi(Q) z + eps)`, delta error `V - phi(K) M / (phi(K) z + eps)`.
+            `"l2"` (DeltaNet, Yang et al. 2024): `phi(t) = t / ||t||_2` per head, read
+            without normaliser, `A_mem = phi(Q) M`, delta error `V - phi(K) M`; unit keys
+            make the delta rule replace a stored value instead of piling values up (with
+            a positive map every two keys overlap). `"elu1_l2"`: `elu + 1` divided by its
+            L2 norm, read like `"l2"` (unit, positive, possibly sparse keys). The
+            normaliser `z` is still accumulated (from the write keys) so the state keeps
+            its shape.
+        write_strength: `False` (default) or `True`: a learned write strength per token
+            and head, `beta = sigmoid(x W_beta + b_beta)` (sublayer `beta_dense`, bias
+            zeros: 0.5 at initialisation), that scales each token's write:
+            delta `M += phi(K)^T diag(beta) (V - read)` (DeltaNet's
+            `M += k^T beta (v - k M)` with `"l2"`), linear `M += phi(K)^T diag(beta) V`,
+            and `z += sum_t beta_t phi(K_t)`. Lets the model skip tokens (beta -> 0).
+        gate_init: initial gate logit, a number or a list of `num_heads` numbers
+            (default 0.0: `sigmoid(0) = 0.5` for every head).
+        gate_lr_scale: positive number (default 1.0). The gate is stored as
+            `raw = gate_init / gate_lr_scale` and used as `sigmoid(gate_lr_scale * raw)`,
+            so with Adam the gate logit moves `gate_lr_scale` times faster than the other
+            weights (a scaled parametrisation; at 1.0 the layer is the paper's).
+            For multi-key recall across segments `update="linear"`,
+            `write_strength=True`, `gate_lr_scale=10.0` measured best (README, "Memory
+            options"; benchmarks/bench_recall.py).
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -147,6 +172,10 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
         init_state_learnable=False,
         return_state=False,
         group_tokens="auto",
+        memory_feature_map="elu1",
+        write_strength=False,
+        gate_init=0.0,
+        gate_lr_scale=1.0,
         **kwargs,
     ):
         kwargs = self.set_weight_args(kwargs, with_bias=False)
@@ -167,6 +196,12 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
         )
         self.return_state = validation.boolean("return_state", return_state)
         self.group_tokens = loops.check_group_tokens(group_tokens)
+        self.gate_init = validation.gate_init(gate_init, self.num_heads)
+        self.memory_feature_map = validation.choice(
+            "memory_feature_map", memory_feature_map, memory_ops.FEATURE_MAPS
+        )
+        self.write_strength = validation.boolean("write_strength", write_strength)
+        self.gate_lr_scale = float(validation.positive_real("gate_lr_scale", gate_lr_scale))
         self._embedder_arg = positional_embedder
         self.positional_embedder = resolve_positional_embedder(
             positional_embedder, self.dim_key, self.segment_len
@@ -211,8 +246,21 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
             dense.build((None, None, self.segment_len, d))
         self.output_dense.build((None, None, h, self.segment_len, dv))
         self.gate = self.add_weight(
-            name="gate", shape=(h,), initializer="zeros", trainable=True
+            name="gate", shape=(h,), initializer=self._gate_initializer(), trainable=True
         )
+        if self.write_strength:
+            # Heads last, bias `(h,)`: on TensorFlow, Keras 3.15's `ops.add` takes a
+            # `(h, 1)` bias for a `tf.nn.bias_add` and adds it on axis 1 whenever that
+            # axis (here the number of segments) happens to equal `h`.
+            self.beta_dense = keras.layers.EinsumDense(
+                "bnsd,dh->bnsh",
+                output_shape=(None, self.segment_len, h),
+                bias_axes="h",
+                kernel_initializer="glorot_uniform",
+                name="write_strength",
+                dtype=self.dtype_policy,
+            )
+            self.beta_dense.build((None, None, self.segment_len, d))
         if self.init_state_learnable:
             # autocast=False: recurrent state stays float32 under mixed precision.
             self.initial_memory = self.add_weight(
@@ -235,6 +283,24 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
         # Checked on every call once built: wrong rank or width -> ValueError.
         self.input_spec = keras.InputSpec(ndim=3, axes={-1: self.dim_input})
         self.built = True
+
+    def _gate_initializer(self):
+        if self.gate_init == 0.0:
+            return "zeros"  # the default, as before the option existed
+        scale = self.gate_lr_scale
+
+        def initializer(shape, dtype=None):
+            raw = ops.convert_to_tensor(self.gate_init, "float32") / scale
+            return ops.cast(ops.broadcast_to(raw, shape), dtype or "float32")
+
+        return initializer
+
+    def gate_values(self):
+        """The gates `sigmoid(gate_lr_scale * gate)` per head, `(num_heads,)`."""
+        raw = ops.cast(self.gate, self.compute_dtype)
+        if self.gate_lr_scale != 1.0:
+            raw = raw * self.gate_lr_scale
+        return ops.sigmoid(raw)
 
     # ------------------------------------------------------------------ state
     def get_initial_state(self, batch_size):
@@ -385,6 +451,13 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
         # 2-3. Memory states before each segment (float32) and retrieval. Invalid tokens
         # are selected out of both factors of every sum (a zero key times a NaN value is
         # still NaN).
+        if self.memory_feature_map != "elu1" or self.write_strength:
+            retrieved, memory_final, norm_final = self._memory_with_options(
+                x, query, key, value, valid, memory0, norm0
+            )
+            gate = self.gate_values()[:, None, None]  # (h, 1, 1)
+            mixed = gate * retrieved + (1.0 - gate) * attended
+            return mixed, memory_final, norm_final
         sigma_k = memory_ops.sigma(key)
         value32 = ops.cast(value, "float32")
         if valid is not None:
@@ -404,9 +477,41 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
         retrieved = ops.cast(retrieved, self.compute_dtype)
 
         # 4. Gate per head (the caller concatenates heads and projects).
-        gate = ops.sigmoid(ops.cast(self.gate, self.compute_dtype))[:, None, None]  # (h, 1, 1)
+        gate = self.gate_values()[:, None, None]  # (h, 1, 1)
         mixed = gate * retrieved + (1.0 - gate) * attended
         return mixed, memory_final, norm_final
+
+    def _memory_with_options(self, x, query, key, value, valid, memory0, norm0):
+        """Memory read/write with `memory_feature_map` / `write_strength` (see Args):
+        returns `(retrieved (b, n, h, S, dv) compute dtype, memory_final, norm_final)`."""
+        read_k = memory_ops.feature_map(key, self.memory_feature_map)  # (b, n, h, S, dk)
+        write_k = read_k
+        if self.write_strength:
+            beta = ops.sigmoid(ops.cast(self.beta_dense(x), "float32"))  # (b, n, S, h)
+            beta = ops.swapaxes(beta, 2, 3)  # (b, n, h, S)
+            write_k = read_k * beta[..., None]
+        if valid is not None:  # select, not multiply: a masked NaN must not leak
+            keep = ops.cast(valid, "bool")[:, :, None, :, None]
+            read_k = ops.where(keep, read_k, 0.0)
+            write_k = ops.where(keep, write_k, 0.0)
+            value = ops.where(keep, value, ops.zeros_like(value))
+        value32 = ops.cast(value, "float32")
+        normalised = self.memory_feature_map in memory_ops.NORMALISED_FEATURE_MAPS
+        norm_before, norm_final = memory_ops.norm_states(write_k, norm0)
+        if self.update == "linear":
+            memory_before, memory_final = memory_ops.linear_memory_states(
+                write_k, value32, memory0
+            )
+        else:
+            memory_before, memory_final = memory_ops.delta_memory_states_general(
+                read_k, write_k, value32, norm_before, memory0, normalised=normalised
+            )
+        phi_q = memory_ops.feature_map(query, self.memory_feature_map)
+        if normalised:
+            retrieved = memory_ops.retrieve(phi_q, memory_before, norm_before)
+        else:
+            retrieved = memory_ops.retrieve_unnormalised(phi_q, memory_before)
+        return ops.cast(retrieved, self.compute_dtype), memory_final, norm_final
 
     # ------------------------------------------------------------------ config
     def get_config(self):
@@ -426,6 +531,10 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
                 "return_state": self.return_state,
                 "group_tokens": self.group_tokens,
                 **self.weight_config(),
+                "memory_feature_map": self.memory_feature_map,
+                "write_strength": self.write_strength,
+                "gate_init": self.gate_init,
+                "gate_lr_scale": self.gate_lr_scale,
             }
         )
         return config

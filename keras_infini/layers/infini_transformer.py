@@ -68,6 +68,8 @@ class InfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
             kernel_constraint, bias_constraint: for every projection (attention
             query/key/value/output kernels, MLP `mlp_in`/`mlp_out` kernels and biases), each
             sublayer getting its own clone, as in Keras' `MultiHeadAttention`.
+        memory_feature_map, write_strength, gate_init, gate_lr_scale: memory options of
+            `attention`, see `CompressiveMemory` (defaults: the paper's layer).
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -103,6 +105,10 @@ class InfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
         normalize_first=True,
         layer_norm_epsilon=1e-5,
         return_state=False,
+        memory_feature_map="elu1",
+        write_strength=False,
+        gate_init=0.0,
+        gate_lr_scale=1.0,
         **kwargs,
     ):
         kwargs = self.set_weight_args(kwargs, with_bias=True)
@@ -143,6 +149,10 @@ class InfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
             positional_embedder=embedder,
             init_state_learnable=init_state_learnable,
             return_state=True,
+            memory_feature_map=memory_feature_map,
+            write_strength=write_strength,
+            gate_init=gate_init,
+            gate_lr_scale=gate_lr_scale,
             dtype=self.dtype_policy,
             name="attention",
             **self.weight_kwargs(bias=False),
@@ -266,6 +276,10 @@ class InfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
                 "normalize_first": self.normalize_first,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "return_state": self.return_state,
+                "memory_feature_map": self.attention.memory_feature_map,
+                "write_strength": self.attention.write_strength,
+                "gate_init": self.attention.gate_init,
+                "gate_lr_scale": self.attention.gate_lr_scale,
             }
         )
         return config

@@ -101,6 +101,8 @@ class MoDInfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.L
         kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer,
             kernel_constraint, bias_constraint: for every projection of the block and the
             router (see `InfiniTransformer`).
+        memory_feature_map, write_strength, gate_init, gate_lr_scale: memory options of
+            the attention, see `CompressiveMemory`.
         return_router_outputs: also return `selection` (float 0/1, the routing used) and
             `logits`, both `(batch * seq_len, 1)`.
         **kwargs: standard `keras.layers.Layer` arguments.
@@ -153,6 +155,10 @@ class MoDInfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.L
         return_state=False,
         router_loss_weight=1.0,
         return_router_outputs=False,
+        memory_feature_map="elu1",
+        write_strength=False,
+        gate_init=0.0,
+        gate_lr_scale=1.0,
         **kwargs,
     ):
         kwargs = self.set_weight_args(kwargs, with_bias=True)
@@ -190,6 +196,10 @@ class MoDInfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.L
             normalize_first=normalize_first,
             layer_norm_epsilon=layer_norm_epsilon,
             return_state=True,
+            memory_feature_map=memory_feature_map,
+            write_strength=write_strength,
+            gate_init=gate_init,
+            gate_lr_scale=gate_lr_scale,
             dtype=self.dtype_policy,
             name="block",
             **self.weight_kwargs(),
@@ -344,7 +354,8 @@ class MoDInfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.L
         embedder = self.embedder_config()
         config["positional_embedder"] = embedder
         for key in ("init_state_learnable", "dropout", "normalize_first",
-                    "layer_norm_epsilon"):
+                    "layer_norm_epsilon", "memory_feature_map", "write_strength",
+                    "gate_init", "gate_lr_scale"):
             config[key] = block[key]
         config.update(
             {

@@ -185,3 +185,80 @@ def retrieve(sigma_q, memory_before, norm_before):
     num = ops.matmul(sigma_q, memory_before)
     den = ops.einsum("bnhsk,bnhk->bnhs", sigma_q, norm_before) + EPSILON
     return num / den[..., None]
+
+
+# --------------------------------------------------------------------------- memory options
+# Feature maps for the memory's queries and keys (`CompressiveMemory(memory_feature_map=)`).
+# "elu1" is the paper's `sigma` with the normalised retrieval above. "l2" is DeltaNet's
+# (Yang et al. 2024): keys and queries divided by their L2 norm, read without a
+# normaliser, `A_mem = phi(Q) M`: with unit keys and write strengths in [0, 1] the delta
+# update is a contraction along each key (M stays bounded), and the retrieval of a stored
+# key returns its value, not a value divided by an accumulated `phi(q) z`. "elu1_l2" is
+# `(elu + 1)` divided by its L2 norm, also read without normaliser: unit keys for the delta
+# rule that keep ELU+1's ability to learn sparse (nearly orthogonal) positive features.
+FEATURE_MAPS = ("elu1", "l2", "elu1_l2")
+NORMALISED_FEATURE_MAPS = ("elu1",)  # maps read with `/ (phi(q) z + eps)`
+
+
+def l2_normalize(x):
+    """`x / max(||x||_2, eps)` over the last axis, in float32 (eps = 1e-6)."""
+    x = ops.cast(x, "float32")
+    norm = ops.sqrt(ops.sum(ops.square(x), axis=-1, keepdims=True))
+    return x / ops.maximum(norm, EPSILON)
+
+
+def feature_map(x, name):
+    """The memory feature map `phi` named `name` (see `FEATURE_MAPS`), float32."""
+    if name == "elu1":
+        return sigma(x)
+    if name == "l2":
+        return l2_normalize(x)
+    if name == "elu1_l2":
+        return l2_normalize(sigma(x))
+    raise ValueError(f"Unknown feature map {name!r}; expected one of {FEATURE_MAPS}.")
+
+
+def _delta_step_general(memory, read_k, write_k, value, norm, normalised):
+    """One delta update with separate read and write keys (leading axes: batch, heads).
+
+    `M += write_k^T (V - read_k M / d)`, `d = read_k z + eps` when `normalised`, else 1.
+    `write_k = beta * read_k` gives DeltaNet's `M += k^T beta (v - k M)`.
+    """
+    retrieved = ops.matmul(read_k, memory)
+    if normalised:
+        den = ops.einsum("bhsk,bhk->bhs", read_k, norm) + EPSILON
+        retrieved = retrieved / den[..., None]
+    return memory + ops.einsum("bhsk,bhsv->bhkv", write_k, value - retrieved)
+
+
+def delta_memory_states_general(read_k, write_k, value, norm_before, memory0,
+                                normalised=True):
+    """Delta-rule memory states with read keys `read_k` and write keys `write_k`.
+
+    Same layout and contract as `delta_memory_states` (states before each segment and
+    after the last, float32). With `write_k is read_k` and `normalised=True` it is the
+    paper's delta rule. The recurrence runs over segments through `loops.scan`;
+    `norm_before` (the normaliser before each segment) is an input, not carried.
+    """
+    dim_key = read_k.shape[-1]
+    keys = ops.concatenate([read_k, write_k], axis=-1)  # one stacked tensor per segment
+
+    def step(memory, both, v, norm):
+        return _delta_step_general(
+            memory, both[..., :dim_key], both[..., dim_key:], v, norm, normalised
+        )
+
+    # `loops.scan` over axis 1 (no transposed copies; TF: a bounded while loop), emitting
+    # the carry it received (the state before the segment).
+    def scan_step(memory, segment):
+        new_memory = step(memory, segment["keys"], segment["value"], segment["norm"])
+        return new_memory, memory
+
+    xs = {"keys": keys, "value": value, "norm": norm_before}
+    final, before = loops.scan(scan_step, memory0, xs, axis=1)
+    return before, final
+
+
+def retrieve_unnormalised(phi_q, memory_before):
+    """`A_mem = phi(Q) M` for every segment at once (float32), for maps like "l2"."""
+    return ops.matmul(phi_q, memory_before)

@@ -1,0 +1,363 @@
+"""CompressiveMemory's memory options (feature map, write strength, gate parametrisation)
+against a NumPy float64 reference written loop by loop, like tests/reference.py."""
+
+import itertools
+import math
+
+import keras
+import numpy as np
+import pytest
+from conftest import BACKEND, gradients, to_numpy
+
+import reference as ref
+from keras_infini import InfiniTransformer, MoDInfiniTransformer
+from keras_infini.layers.compressive_memory import CompressiveMemory
+from keras_infini.ops import memory as memory_ops
+
+B, D, H, DK, DV, S = 2, 8, 2, 4, 3, 4
+ATOL = 2e-5
+
+
+def phi(t, name):
+    if name == "elu1":
+        return ref.sigma(t)
+    if name == "elu1_l2":
+        t = ref.sigma(t)
+    return t / max(np.linalg.norm(t), 1e-6)
+
+
+def reference(x, wq, wk, wv, wo, gate, *, segment_len, update, causal, feature_map,
+              gate_scale=1.0, wb=None, bb=None, mask=None, memory0=None, norm0=None):
+    """Infini-attention with the options, one batch element, head and token at a time.
+
+    phi: "elu1" (read `phi(q) M / (phi(q) z + eps)`), "l2" (`t / ||t||`, read
+    `phi(q) M`) or "elu1_l2" (`sigma(t) / ||sigma(t)||`, read `phi(q) M`). Write strength beta_t = sigmoid(x_t wb + bb) (1 without `wb`):
+    linear M += beta phi(k)^T v; delta M += beta phi(k)^T (v - read(phi(k)));
+    z += beta phi(k). Gate sigmoid(gate_scale * gate).
+    """
+    x = np.asarray(x, np.float64)
+    bsz, length, _ = x.shape
+    mask = np.ones((bsz, length), bool) if mask is None else np.asarray(mask, bool)
+    x = np.where(mask[..., None], x, 0.0)  # a masked token enters as a zero input
+    out = np.zeros((bsz, length, wo.shape[-1]))
+    memories = np.zeros((bsz, H, DK, DV))
+    norms = np.zeros((bsz, H, DK))
+    g = 1.0 / (1.0 + np.exp(-gate_scale * np.asarray(gate, np.float64)))
+    normalised = feature_map == "elu1"
+    for b in range(bsz):
+        for h in range(H):
+            m = np.zeros((DK, DV)) if memory0 is None else np.array(memory0[b, h], np.float64)
+            z = np.zeros(DK) if norm0 is None else np.array(norm0[b, h], np.float64)
+
+            def read(vec, m=None, z=None):
+                f = phi(vec, feature_map)
+                if normalised:
+                    return f @ m / (f @ z + ref.EPS)
+                return f @ m
+
+            for start in range(0, length, segment_len):
+                stop = min(start + segment_len, length)
+                # local attention
+                a_dot = np.zeros((stop - start, DV))
+                for t in range(start, stop):
+                    allowed = [u for u in range(start, (t + 1) if causal else stop)
+                               if mask[b, u]]
+                    if not allowed:
+                        continue
+                    q = x[b, t] @ wq[:, h]
+                    logits = np.array([q @ (x[b, u] @ wk[:, h]) for u in allowed])
+                    w = np.exp(logits / math.sqrt(DK) - (logits / math.sqrt(DK)).max())
+                    a_dot[t - start] = sum(wi * (x[b, u] @ wv[:, h])
+                                           for wi, u in zip(w / w.sum(), allowed))
+                # memory read with the state before the segment
+                a_mem = np.array([read(x[b, t] @ wq[:, h], m, z) for t in range(start, stop)])
+                # memory write, token by token inside the segment but all reading m_prev
+                m_prev, z_prev = m.copy(), z.copy()
+                for t in range(start, stop):
+                    if not mask[b, t]:
+                        continue
+                    k, v = x[b, t] @ wk[:, h], x[b, t] @ wv[:, h]
+                    beta = 1.0 if wb is None else 1.0 / (1.0 + np.exp(-(x[b, t] @ wb[:, h]
+                                                                       + bb[h])))
+                    fk = phi(k, feature_map)
+                    if update == "linear":
+                        m = m + beta * np.outer(fk, v)
+                    else:
+                        m = m + beta * np.outer(fk, v - read(k, m_prev, z_prev))
+                    z = z + beta * fk
+                a = g[h] * a_mem + (1 - g[h]) * a_dot
+                out[b, start:stop] += a @ wo[h]
+            memories[b, h], norms[b, h] = m, z
+    return out, memories, norms
+
+
+def make_layer(update="delta", feature_map="l2", write_strength=True, gate_lr_scale=1.0,
+               gate_init=0.0, causal=True, **kw):
+    layer = CompressiveMemory(D, DK, DV, H, S, update=update, causal=causal,
+                              memory_feature_map=feature_map, write_strength=write_strength,
+                              gate_init=gate_init, gate_lr_scale=gate_lr_scale, **kw)
+    layer.build((None, None, D))
+    rng = np.random.default_rng(5)
+    layer.gate.assign(rng.normal(size=(H,)).astype("float32"))
+    if write_strength:
+        layer.beta_dense.kernel.assign(rng.normal(size=(D, H)).astype("float32"))
+        layer.beta_dense.bias.assign(rng.normal(size=(H,)).astype("float32"))
+    return layer
+
+
+def reference_for(layer, x, **kw):
+    extra = {}
+    if layer.write_strength:
+        extra = dict(wb=to_numpy(layer.beta_dense.kernel), bb=to_numpy(layer.beta_dense.bias))
+    return reference(
+        x, to_numpy(layer.query_dense.kernel), to_numpy(layer.key_dense.kernel),
+        to_numpy(layer.value_dense.kernel), to_numpy(layer.output_dense.kernel),
+        to_numpy(layer.gate), segment_len=layer.segment_len, update=layer.update,
+        causal=layer.causal, feature_map=layer.memory_feature_map,
+        gate_scale=layer.gate_lr_scale, **extra, **kw,
+    )
+
+
+def inputs(length, batch=B, seed=0):
+    return np.random.default_rng(seed).normal(size=(batch, length, D)).astype("float32")
+
+
+OPTIONS = list(itertools.product(["linear", "delta"], ["elu1", "l2", "elu1_l2"],
+                                 [False, True]))
+
+
+@pytest.mark.parametrize("length", [8, 14])
+@pytest.mark.parametrize("update,feature_map,write_strength", OPTIONS)
+def test_matches_reference(update, feature_map, write_strength, length):
+    # 14: 3 full segments and a partial one, with a fully masked segment. 8: 2 segments,
+    # as many as heads (TF's `ops.add` once added a `(h, 1)` bias on the segment axis).
+    layer = make_layer(update, feature_map, write_strength, gate_lr_scale=3.0,
+                       return_state=True)
+    x = inputs(length)
+    mask = np.random.default_rng(3).uniform(size=(B, length)) > 0.3
+    mask[0, :4] = False
+    out, memory, norm = layer(x, mask=mask)
+    want, want_m, want_z = reference_for(layer, x, mask=mask)
+    np.testing.assert_allclose(to_numpy(out), want, atol=ATOL, rtol=1e-4)
+    np.testing.assert_allclose(to_numpy(memory), want_m, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(to_numpy(norm), want_z, atol=1e-4, rtol=1e-5)
+    assert keras.backend.standardize_dtype(memory.dtype) == "float32"
+
+
+def test_reference_with_paper_options_is_the_paper_reference():
+    """The test's reference at the defaults equals tests/reference.py's."""
+    rng = np.random.default_rng(1)
+    wq, wk = rng.normal(size=(2, D, H, DK))
+    wv, wo = rng.normal(size=(D, H, DV)), rng.normal(size=(H, DV, D))
+    gate = rng.normal(size=(H,))
+    x = inputs(10)
+    for update in ("linear", "delta"):
+        a = reference(x, wq, wk, wv, wo, gate, segment_len=S, update=update, causal=True,
+                      feature_map="elu1")
+        b = ref.compressive_memory(x, wq, wk, wv, wo, gate, segment_len=S, update=update,
+                                   causal=True)
+        for u, v in zip(a, b):
+            np.testing.assert_allclose(u, v, rtol=1e-10, atol=1e-10)
+
+
+def test_defaults_are_the_paper_layer():
+    plain = CompressiveMemory(D, DK, DV, H, S, update="delta", causal=True)
+    explicit = CompressiveMemory(D, DK, DV, H, S, update="delta", causal=True,
+                                 memory_feature_map="elu1", write_strength=False,
+                                 gate_init=0.0, gate_lr_scale=1.0)
+    for layer in (plain, explicit):
+        layer.build((None, None, D))
+    explicit.set_weights(plain.get_weights())
+    assert len(plain.trainable_variables) == 5  # no beta projection
+    np.testing.assert_array_equal(to_numpy(plain.gate), np.zeros(H))
+    x = inputs(11)
+    np.testing.assert_array_equal(to_numpy(explicit(x)), to_numpy(plain(x)))
+    config = plain.get_config()
+    assert (config["memory_feature_map"], config["write_strength"], config["gate_init"],
+            config["gate_lr_scale"]) == ("elu1", False, 0.0, 1.0)
+
+
+def test_general_delta_equals_paper_delta():
+    rng = np.random.default_rng(2)
+    n = 7
+    sk = ref.sigma(rng.normal(size=(B, n, H, S, DK))).astype("float32")
+    v = rng.normal(size=(B, n, H, S, DV)).astype("float32")
+    m0 = (0.1 * rng.normal(size=(B, H, DK, DV))).astype("float32")
+    z0 = rng.uniform(0.5, 1.0, size=(B, H, DK)).astype("float32")
+    sk, v, m0, z0 = (keras.ops.convert_to_tensor(t) for t in (sk, v, m0, z0))
+    z_before, _ = memory_ops.norm_states(sk, z0)
+    want_before, want_final = memory_ops.delta_memory_states(sk, v, z_before, m0, "scan")
+    before, final = memory_ops.delta_memory_states_general(sk, sk, v, z_before, m0)
+    np.testing.assert_allclose(to_numpy(before), to_numpy(want_before), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(final), to_numpy(want_final), rtol=1e-5, atol=1e-5)
+
+
+def test_l2_delta_with_unit_write_stores_the_value_exactly():
+    """DeltaNet property: writing (k, v) with beta = 1 and unit k, then reading k, gives v,
+    whatever was stored under k before."""
+    rng = np.random.default_rng(4)
+    k = memory_ops.l2_normalize(rng.normal(size=(1, 2, 1, 1, DK)).astype("float32"))
+    k = keras.ops.concatenate([k[:, :1], k[:, :1]], axis=1)  # same key in 2 segments
+    v = keras.ops.convert_to_tensor(rng.normal(size=(1, 2, 1, 1, DV)).astype("float32"))
+    m0 = keras.ops.convert_to_tensor(rng.normal(size=(1, 1, DK, DV)).astype("float32"))
+    z = keras.ops.zeros((1, 2, 1, DK))
+    _, final = memory_ops.delta_memory_states_general(k, k, v, z, m0, normalised=False)
+    got = memory_ops.retrieve_unnormalised(k[:, 1], final[:, None])
+    np.testing.assert_allclose(to_numpy(got).reshape(-1), to_numpy(v)[0, 1].reshape(-1), atol=1e-5)
+
+
+def test_gate_init_and_lr_scale():
+    inits = [-2.0, 1.5]
+    layer = CompressiveMemory(D, DK, DV, H, S, gate_init=inits, gate_lr_scale=4.0)
+    layer.build((None, None, D))
+    np.testing.assert_allclose(to_numpy(layer.gate), np.array(inits) / 4.0, rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(layer.gate_values()),
+                               1 / (1 + np.exp(-np.array(inits))), rtol=1e-6)
+    scalar = CompressiveMemory(D, DK, DV, H, S, gate_init=3.0)
+    scalar.build((None, None, D))
+    np.testing.assert_allclose(to_numpy(scalar.gate), [3.0, 3.0])
+    # With Adam, one step moves the gate logit gate_lr_scale times further.
+    moved = []
+    for scale in (1.0, 10.0):
+        inp = keras.Input((8, D))
+        cm = CompressiveMemory(D, DK, DV, H, S, causal=True, gate_lr_scale=scale)
+        model = keras.Model(inp, cm(inp))
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+        model.train_on_batch(inputs(8), inputs(8, seed=1))
+        moved.append(np.abs(to_numpy(cm.gate) * scale))
+    np.testing.assert_allclose(moved[1], 10 * moved[0], rtol=1e-2)
+
+
+@pytest.mark.parametrize("update", ["linear", "delta"])
+def test_streaming_chunks_equal_one_call(update):
+    layer = make_layer(update, "l2", True, return_state=True)
+    x = inputs(22)
+    full, full_m, full_z = layer(x)
+    state, outs = None, []
+    for start, stop in [(0, 8), (8, 12), (12, 20), (20, 22)]:
+        out, m, z = layer(x[:, start:stop], initial_state=state)
+        outs.append(to_numpy(out))
+        state = (m, z)
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), to_numpy(full), atol=1e-5)
+    np.testing.assert_allclose(to_numpy(state[0]), to_numpy(full_m), atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(to_numpy(state[1]), to_numpy(full_z), atol=1e-4, rtol=1e-5)
+
+
+def test_grouped_layer_matches_reference():
+    layer = make_layer("delta", "l2", True, return_state=True)
+    layer.group_tokens = 2 * S  # 27 tokens -> 4 groups of 2 segments
+    x = inputs(27)
+    mask = np.random.default_rng(9).uniform(size=(B, 27)) > 0.3
+    out, memory, _ = layer(x, mask=mask)
+    want, want_m, _ = reference_for(layer, x, mask=mask)
+    np.testing.assert_allclose(to_numpy(out), want, atol=ATOL, rtol=1e-4)
+    np.testing.assert_allclose(to_numpy(memory), want_m, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("feature_map", ["elu1", "l2"])
+def test_nan_in_masked_token_does_not_leak_into_memory(feature_map):
+    layer = make_layer("delta", feature_map, True, return_state=True)
+    x = inputs(12)
+    mask = np.ones((B, 12), bool)
+    mask[:, 5] = False
+    x_nan = x.copy()
+    x_nan[:, 5] = np.nan
+    out, memory, norm = layer(x_nan, mask=mask)
+    assert np.all(np.isfinite(to_numpy(memory))) and np.all(np.isfinite(to_numpy(norm)))
+    want, want_m, _ = reference_for(layer, x, mask=mask)
+    np.testing.assert_allclose(to_numpy(memory), want_m, atol=1e-4, rtol=1e-4)
+
+
+def test_gradients_reach_every_weight():
+    layer = make_layer("delta", "l2", True, gate_lr_scale=5.0)
+    x = inputs(12)
+    grads = gradients(lambda: keras.ops.mean(layer(x) ** 2), layer.trainable_variables)
+    assert len(grads) == 7  # q, k, v, output, gate, beta kernel, beta bias
+    for var, g in zip(layer.trainable_variables, grads):
+        assert g is not None and np.all(np.isfinite(g)) and np.abs(g).max() > 0, var.path
+
+
+@pytest.mark.parametrize("update", ["linear", "delta"])
+def test_fit_jit_compile(update):
+    seq = 24
+    inp = keras.Input((seq, D))
+    layer = CompressiveMemory(D, DK, DV, H, S, update=update, causal=True,
+                              memory_feature_map="l2", write_strength=True,
+                              gate_init=[0.5, -0.5], gate_lr_scale=10.0)
+    model = keras.Model(inp, layer(inp))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse",
+                  jit_compile=BACKEND != "torch")
+    x = inputs(seq, batch=4)
+    before = [to_numpy(v).copy() for v in model.trainable_variables]
+    losses = model.fit(x, np.roll(x, 1, axis=1), epochs=3, batch_size=2,
+                       verbose=0).history["loss"]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    for var, old in zip(model.trainable_variables, before):
+        assert np.abs(to_numpy(var) - old).max() > 0, var.path
+
+
+def test_mixed_precision_state_is_float32():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    layer = CompressiveMemory(D, DK, DV, H, S, update="delta", causal=True,
+                              memory_feature_map="l2", write_strength=True, return_state=True)
+    out, memory, norm = layer(inputs(13))
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    assert keras.backend.standardize_dtype(memory.dtype) == "float32"
+    assert keras.backend.standardize_dtype(norm.dtype) == "float32"
+    assert np.all(np.isfinite(to_numpy(keras.ops.cast(out, "float32"))))
+
+
+OPTION_KWARGS = dict(update="delta", memory_feature_map="l2", write_strength=True,
+                     gate_init=[1.0, -1.0], gate_lr_scale=5.0)
+
+
+def test_config_round_trip_and_saving(tmp_path):
+    layers = [
+        CompressiveMemory(D, DK, DV, H, S, causal=True, name="m", **OPTION_KWARGS),
+        InfiniTransformer(D, 16, DK, DV, H, "gelu", S, causal=True, name="m",
+                          **OPTION_KWARGS),
+        MoDInfiniTransformer(D, 16, DK, DV, H, "gelu", S, sampling_factor=2, causal=True,
+                             name="m", **OPTION_KWARGS),
+    ]
+    for layer in layers:
+        config = layer.get_config()
+        for key in ("memory_feature_map", "write_strength", "gate_init", "gate_lr_scale"):
+            assert config[key] == OPTION_KWARGS[key] or (
+                key == "gate_lr_scale" and config[key] == 5.0), key
+        clone = type(layer).from_config(config)
+        assert clone.get_config() == config
+        inp = keras.Input((None, D))
+        model = keras.Model(inp, layer(inp))
+        x = inputs(10)
+        want = to_numpy(model(x))
+        path = str(tmp_path / "m.keras")
+        model.save(path)
+        loaded = keras.models.load_model(path)
+        np.testing.assert_allclose(to_numpy(loaded(x)), want, atol=1e-6)
+        attention = loaded.get_layer("m")
+        attention = getattr(attention, "attention", attention)
+        assert attention.write_strength is True and attention.memory_feature_map == "l2"
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(memory_feature_map="elu"), "memory_feature_map"),
+        (dict(memory_feature_map=None), "memory_feature_map"),
+        (dict(write_strength=1), "write_strength"),
+        (dict(write_strength="yes"), "write_strength"),
+        (dict(gate_init=[0.0]), "gate_init"),
+        (dict(gate_init=[0.0, float("nan")]), "gate_init"),
+        (dict(gate_init=True), "gate_init"),
+        (dict(gate_init="0"), "gate_init"),
+        (dict(gate_lr_scale=0.0), "gate_lr_scale"),
+        (dict(gate_lr_scale=-1), "gate_lr_scale"),
+        (dict(gate_lr_scale=float("inf")), "gate_lr_scale"),
+        (dict(gate_lr_scale=True), "gate_lr_scale"),
+    ],
+)
+def test_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        CompressiveMemory(D, DK, DV, H, S, **kwargs)
+    with pytest.raises(ValueError, match=name):
+        InfiniTransformer(D, 16, DK, DV, H, "gelu", S, **kwargs)
