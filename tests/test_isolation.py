@@ -56,12 +56,16 @@ def run(layer, x, mask=None):
     return to_numpy(out[0] if isinstance(out, (tuple, list)) else out)
 
 
-CASES = [(kind, update, causal) for kind in ("cm", "infini", "mod")
-         for update in ("linear", "delta") for causal in (True, False)]
+# Every layer x update x causality, each with one of NaN / inf / -inf (rotating, so every
+# value meets every layer kind across the two tests without a 3x longer suite).
+CASES = [(kind, update, causal, POISONS[i % 3]) for i, (kind, update, causal) in enumerate(
+    (kind, update, causal) for kind in ("cm", "infini", "mod")
+    for update in ("linear", "delta") for causal in (True, False))]
+LATER_CASES = [(kind, update, causal, POISONS[(i + 1) % 3])
+               for i, (kind, update, causal, _) in enumerate(CASES)]
 
 
-@pytest.mark.parametrize("kind,update,causal", CASES)
-@pytest.mark.parametrize("poison", POISONS)
+@pytest.mark.parametrize("kind,update,causal,poison", CASES)
 def test_non_finite_masked_tokens_change_nothing_else(kind, update, causal, poison):
     """The issue's case: x[0, 13] = nan with mask[0, 13] = False poisoned all 24 outputs."""
     layer = make(kind, update, causal)
@@ -76,8 +80,7 @@ def test_non_finite_masked_tokens_change_nothing_else(kind, update, causal, pois
     assert np.isfinite(out[mask]).all()
 
 
-@pytest.mark.parametrize("kind,update,causal", CASES)
-@pytest.mark.parametrize("poison", POISONS)
+@pytest.mark.parametrize("kind,update,causal,poison", LATER_CASES)
 def test_non_finite_later_tokens_change_no_earlier_output(kind, update, causal, poison):
     """A NaN/inf token changes no output before it (causal) or before its segment (not
     causal: a segment sees its own tokens, never a later segment's)."""
@@ -213,7 +216,7 @@ def poisoned_cases(draw):
     return kind, update, causal, mask, use_mask, masked_poison, later, later_value, seed
 
 
-@settings(max_examples=25, deadline=None, derandomize=True,
+@settings(max_examples=15, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(poisoned_cases())
 def test_property_non_finite_tokens_are_isolated(case):
