@@ -448,42 +448,21 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
             query_rot, key_rot, value, valid, self.causal
         )
 
-        # 2-3. Memory states before each segment (float32) and retrieval. Invalid tokens
-        # are selected out of both factors of every sum (a zero key times a NaN value is
-        # still NaN).
-        if self.memory_feature_map != "elu1" or self.write_strength:
-            retrieved, memory_final, norm_final = self._memory_with_options(
-                x, query, key, value, valid, memory0, norm0
-            )
-            gate = self.gate_values()[:, None, None]  # (h, 1, 1)
-            mixed = gate * retrieved + (1.0 - gate) * attended
-            return mixed, memory_final, norm_final
-        sigma_k = memory_ops.sigma(key)
-        value32 = ops.cast(value, "float32")
-        if valid is not None:
-            keep = valid[:, :, None, :, None]
-            sigma_k = ops.where(keep, sigma_k, ops.zeros_like(sigma_k))
-            value32 = ops.where(keep, value32, ops.zeros_like(value32))
-        norm_before, norm_final = memory_ops.norm_states(sigma_k, norm0)
-        if self.update == "linear":
-            memory_before, memory_final = memory_ops.linear_memory_states(
-                sigma_k, value32, memory0
-            )
-        else:
-            memory_before, memory_final = memory_ops.delta_memory_states(
-                sigma_k, value32, norm_before, memory0
-            )
-        retrieved = memory_ops.retrieve(memory_ops.sigma(query), memory_before, norm_before)
-        retrieved = ops.cast(retrieved, self.compute_dtype)
+        # 2-3. Memory states before each segment (float32) and retrieval.
+        retrieved, memory_final, norm_final = self._memory(
+            x, query, key, value, valid, memory0, norm0
+        )
 
         # 4. Gate per head (the caller concatenates heads and projects).
         gate = self.gate_values()[:, None, None]  # (h, 1, 1)
         mixed = gate * retrieved + (1.0 - gate) * attended
         return mixed, memory_final, norm_final
 
-    def _memory_with_options(self, x, query, key, value, valid, memory0, norm0):
-        """Memory read/write with `memory_feature_map` / `write_strength` (see Args):
-        returns `(retrieved (b, n, h, S, dv) compute dtype, memory_final, norm_final)`."""
+    def _memory(self, x, query, key, value, valid, memory0, norm0):
+        """Memory read/write (the paper's, or with `memory_feature_map` / `write_strength`,
+        see Args): returns `(retrieved (b, n, h, S, dv) compute dtype, memory_final,
+        norm_final)`. Invalid tokens are selected out of both factors of every sum (a zero
+        key times a NaN value is still NaN)."""
         read_k = memory_ops.feature_map(key, self.memory_feature_map)  # (b, n, h, S, dk)
         write_k = read_k
         if self.write_strength:
@@ -501,6 +480,10 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
         if self.update == "linear":
             memory_before, memory_final = memory_ops.linear_memory_states(
                 write_k, value32, memory0
+            )
+        elif normalised and not self.write_strength:  # the paper's delta rule
+            memory_before, memory_final = memory_ops.delta_memory_states(
+                read_k, value32, norm_before, memory0
             )
         else:
             memory_before, memory_final = memory_ops.delta_memory_states_general(
