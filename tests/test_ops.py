@@ -183,3 +183,39 @@ def test_fast_scan_differentiates_under_jit(dynamic):
     np.testing.assert_allclose(fast[1].numpy(), slow[1].numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="at least one step"):
         fast_paths.scan(step, tf.zeros((2, 3)), tf.constant(xs_value[:0]))
+
+
+@pytest.mark.parametrize("implementation", ["fused", "einsum"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_local_attention_implementations_match_reference(implementation, causal):
+    """Both paths (Keras' fused `dot_product_attention` and the einsum) on every backend:
+    values and isolation as the float64 reference, NaN/inf keys and values included."""
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((2, 3, 2, 5, 4)) for _ in range(3))
+    valid = rng.random((2, 3, 5)) > 0.3
+    valid[1, 2] = False
+    valid[0, 1] = [False, False, True, True, True]  # causal: queries 0, 1 see no key
+    clean = _attention_reference(q, k, v, valid, causal)
+    k_bad, v_bad = k.copy(), v.copy()
+    k_bad[:, :, 0, 3, 0] = np.nan  # head 0: a NaN key; head 1: an inf value
+    v_bad[:, :, 1, 3, 1] = np.inf
+    v_bad = np.where(valid[:, :, None, :, None], v_bad, np.nan)
+    out = to_numpy(attention_ops.local_attention(
+        *(keras.ops.convert_to_tensor(t.astype("float32")) for t in (q, k_bad, v_bad)),
+        keras.ops.convert_to_tensor(valid), causal, implementation=implementation))
+    sees = valid[:, :, 3][:, :, None, None, None] & (np.arange(5)[:, None] >= 3 if causal else True)
+    sees = np.broadcast_to(sees, out.shape[:-1] + (1,))
+    np.testing.assert_allclose(np.where(sees, 0, out), np.where(sees, 0, clean), atol=1e-5)
+    assert np.isnan(out[np.broadcast_to(sees, out.shape)]).all()
+    # All keys valid (no key mask): the causal triangle alone, or plain attention.
+    all_valid = np.ones_like(valid)
+    out = to_numpy(attention_ops.local_attention(
+        *(keras.ops.convert_to_tensor(t.astype("float32")) for t in (q, k, v)),
+        None, causal, implementation=implementation))
+    np.testing.assert_allclose(out, _attention_reference(q, k, v, all_valid, causal), atol=1e-5)
+
+
+def test_local_attention_rejects_unknown_implementation():
+    x = keras.ops.zeros((1, 1, 1, 2, 2))
+    with pytest.raises(ValueError, match="implementation"):
+        attention_ops.local_attention(x, x, x, None, True, implementation="flash")

@@ -12,6 +12,8 @@ float16 product overflows at 65504 before any later cast could help).
 
 from keras import ops
 
+from keras_infini.ops import backend
+
 # Finite "minus infinity" for masked logits. The scores are float32 when it is applied, and
 # it must lie below every real score: with -3e4, inputs of magnitude ~1e3 gave real scores
 # below it and the softmax moved onto masked (e.g. future) keys.
@@ -38,13 +40,15 @@ def attention_mask(key_valid, causal, segment_len):
     return mask
 
 
-def _sees_non_finite_value(value, key_valid, causal):
+def _sees_non_finite_value(value, key_valid, causal, bad=None):
     """Bool `(batch, n, heads, S, 1)`: the query attends to a key whose value is not finite.
 
     `O(S)` per segment instead of an `(S, S)` pass: a causal query at position `q` sees a
     bad key iff a visible bad key lies at `<= q` (a running count along the segment).
+    `bad`: bool `(batch, n, heads, S)` marking the bad keys, instead of reading `value`.
     """
-    bad = ops.logical_not(ops.all(ops.isfinite(value), axis=-1))  # (b, n, h, S)
+    if bad is None:
+        bad = ops.logical_not(ops.all(ops.isfinite(value), axis=-1))  # (b, n, h, S)
     if key_valid is not None:
         bad = ops.logical_and(bad, ops.cast(key_valid, "bool")[:, :, None, :])
     if not causal:
@@ -52,7 +56,7 @@ def _sees_non_finite_value(value, key_valid, causal):
     return (ops.cumsum(ops.cast(bad, "int32"), axis=-1) > 0)[..., None]
 
 
-def local_attention(query, key, value, key_valid, causal):
+def local_attention(query, key, value, key_valid, causal, implementation="auto"):
     """Softmax attention within each segment.
 
     Args:
@@ -60,6 +64,11 @@ def local_attention(query, key, value, key_valid, causal):
         value: `(batch, n, heads, S, dim_value)`.
         key_valid: bool `(batch, n, S)` (True: the key may be attended) or `None` (all).
         causal: a query attends only to keys at its position or before.
+        implementation: `"fused"` (Keras' `ops.dot_product_attention`: PyTorch SDPA,
+            cuDNN/flash attention where the backend has them), `"einsum"` (an einsum and a
+            softmax), or `"auto"`: the one `backend.prefers_fused_attention()` names for the
+            active backend (measured in `benchmarks/bench_attention.py`). Both give the
+            same values (float32 logits) and the same isolation.
 
     Returns:
         `(batch, n, heads, S, dim_value)` in the dtype of `value`. A query with no key to
@@ -69,14 +78,27 @@ def local_attention(query, key, value, key_valid, causal):
     segment_len = query.shape[-2]
     if segment_len is None:
         segment_len = ops.shape(query)[-2]
-    dim_key = query.shape[-1]
-    mask = attention_mask(key_valid, causal, segment_len)
     if segment_len == 1:
         # One token per segment (e.g. a one-token call): it attends to itself if valid.
         if key_valid is None:
             return value
         keep = ops.cast(key_valid, "bool")[:, :, None, :, None]
         return ops.where(keep, value, ops.zeros_like(value))
+    if implementation == "auto":
+        implementation = "fused" if backend.prefers_fused_attention() else "einsum"
+    if implementation == "fused":
+        return _fused_attention(query, key, value, key_valid, causal, segment_len)
+    if implementation != "einsum":
+        raise ValueError(
+            "Invalid implementation: expected 'auto', 'fused' or 'einsum'; "
+            f"received {implementation!r}."
+        )
+    return _einsum_attention(query, key, value, key_valid, causal, segment_len)
+
+
+def _einsum_attention(query, key, value, key_valid, causal, segment_len):
+    dim_key = query.shape[-1]
+    mask = attention_mask(key_valid, causal, segment_len)
     # The scale goes on the queries (S x dk) rather than the scores (S x S): one fewer
     # elementwise pass over the largest tensor, which dominates on eager torch.
     query = ops.cast(query, "float32") * (1.0 / float(dim_key) ** 0.5)
@@ -95,3 +117,65 @@ def local_attention(query, key, value, key_valid, causal):
     # their output (S x dv, cheaper than zeroing the S x S probabilities; same gradients).
     has_key = ops.any(mask, axis=-1, keepdims=True)
     return ops.where(has_key, attended, ops.zeros_like(attended))
+
+
+def _fused_attention(query, key, value, key_valid, causal, segment_len):
+    """`ops.dot_product_attention` over `(batch * n, S, heads, dim)`, float32 throughout.
+
+    The fused kernels add a large negative bias to hidden logits (or skip them blockwise),
+    so a non-finite key or value may still reach a query that must not see it (`nan +
+    bias = nan`, `0 * nan = nan`). Non-finite entries are replaced by zeros before the
+    call, and the queries that really see a non-finite key or value get NaN back
+    afterwards.
+    """
+    batch, num, heads = ops.shape(query)[0], ops.shape(query)[1], query.shape[2]
+    out_dtype = value.dtype
+    dim_value = value.shape[-1]
+    hides_keys = causal or key_valid is not None
+    bad = None
+
+    def to_bthd(t, finite_only=False):
+        t = ops.cast(t, "float32")
+        if finite_only:
+            t = ops.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+        t = ops.reshape(t, (batch * num, heads, segment_len, t.shape[-1]))
+        return ops.transpose(t, (0, 2, 1, 3))
+
+    if hides_keys:
+        # A token is "bad" when the sum of its key or value row is not finite (a NaN or
+        # inf entry, or finite entries whose sum overflows float32, which would overflow
+        # the logits too): two float reductions instead of an elementwise test and a
+        # boolean reduction. A non-finite query spoils only its own row: queries pass as
+        # they are.
+        sums = ops.sum(ops.cast(key, "float32"), axis=-1) + ops.sum(
+            ops.cast(value, "float32"), axis=-1
+        )
+        bad = ops.logical_not(ops.isfinite(sums))  # (b, n, h, S)
+        key, value = to_bthd(key, True), to_bthd(value, True)
+    else:
+        key, value = to_bthd(key), to_bthd(value)
+    mask = None
+    if key_valid is not None:
+        valid = ops.cast(key_valid, "bool")
+        # A segment without any valid key would give the kernel an all-hidden row; let it
+        # see everything (finite values) and zero its output below.
+        any_valid = ops.any(valid, axis=-1, keepdims=True)
+        mask = ops.reshape(
+            ops.logical_or(valid, ops.logical_not(any_valid)),
+            (batch * num, 1, 1, segment_len),
+        )
+    attended = ops.dot_product_attention(
+        to_bthd(query), key, value, mask=mask, is_causal=causal
+    )
+    attended = ops.transpose(attended, (0, 2, 1, 3))
+    attended = ops.reshape(attended, (batch, num, heads, segment_len, dim_value))
+    if hides_keys:
+        sees_bad = _sees_non_finite_value(None, key_valid, causal, bad=bad)
+        attended = ops.where(sees_bad, ops.cast(float("nan"), attended.dtype), attended)
+    if key_valid is not None:
+        # A query has a key iff a valid key lies at or before it (causal), or anywhere.
+        valid_i = ops.cast(key_valid, "int32")
+        seen = ops.cumsum(valid_i, axis=-1) if causal else ops.sum(valid_i, -1, keepdims=True)
+        has_key = (seen > 0)[:, :, None, :, None]
+        attended = ops.where(has_key, attended, ops.zeros_like(attended))
+    return ops.cast(attended, out_dtype)

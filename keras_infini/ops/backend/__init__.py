@@ -10,6 +10,9 @@ Each function here tries the fast path of the active Keras backend and raises
   and loop (Keras' torch `ops.scan` slices `xs[i]`, whose backward is `O(n^2)`); it also
   splits and stacks on any `axis` without a transposed copy. JAX: `lax.scan` through
   `ops.scan` (no fast path needed).
+- `prefers_fused_attention()`: whether `ops.attention.local_attention` uses Keras'
+  `ops.dot_product_attention` (True on torch, where it runs PyTorch's SDPA kernels) or its
+  einsum + softmax (JAX, TensorFlow, where that measured as fast or faster on CPU).
 - `no_grad()`: a context without autograd recording (torch), else a null context.
 - `compile_inference(fn, variables)`: `fn` compiled once per input shape for inference:
   `jax.jit` over the variables' current values (stateless), `tf.function`, or `fn` under
@@ -35,6 +38,17 @@ def scan(f, init, xs, axis=0):
     if module is None or not hasattr(module, "scan"):
         raise NotImplementedError
     return module.scan(f, init, xs, axis=axis)
+
+
+def prefers_fused_attention():
+    """Whether `local_attention` should use `ops.dot_product_attention` on this backend.
+
+    torch: SDPA's fused kernels took half the time of the einsum + softmax for a causal
+    forward + backward (`benchmarks/bench_attention.py`). JAX and TensorFlow on CPU lower
+    `dot_product_attention` to the same einsum + softmax, or slower (JAX's `jax.nn`
+    implementation); keep the einsum path there.
+    """
+    return keras_backend.backend() == "torch"
 
 
 def no_grad():
