@@ -31,6 +31,13 @@ def positive_int(name, value, allow_none=False, maximum=MAX_SIZE):
     return int(value)
 
 
+def axis(name, value):
+    """An integer axis (negative counts from the end); the rank is checked at call time."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"Invalid {name}={value!r}: expected an integer axis.")
+    return int(value)
+
+
 def boolean(name, value):
     """A real boolean (`True`/`False`, NumPy booleans included), nothing truthy."""
     if not isinstance(value, (bool, np.bool_)):

@@ -27,21 +27,28 @@ trainable `beta` (equal to `silu` only while `beta == 1`); pass `"silu"` for Ker
 Any other function is accepted as a callable, e.g. `get_activation(keras.activations.tanh, d)`
 (see `ActivationFunction`). Weights are stored in the variable dtype of the layer's dtype policy
 (float32 under `mixed_bfloat16`/`mixed_float16`) and the math runs in its compute dtype.
+
+Every layer takes `dim` (optional for the weightless ones, checked at build) and the
+standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+Example:
+
+>>> import keras
+>>> from keras_infini import get_activation
+>>> x = keras.ops.array([[-1.5, 2.0]])
+>>> for name in ("relu", "abs", "gelu", "silu"):
+...     print(name, keras.ops.convert_to_numpy(get_activation(name, 2)(x)).astype(float).round(4).tolist())
+relu [[0.0, 2.0]]
+abs [[1.5, 2.0]]
+gelu [[-0.1002, 1.9545]]
+silu [[-0.2736, 1.7616]]
 """
 
-import numbers
 
 import keras
 from keras import ops
 
-
-def _check_dim(dim, allow_none):
-    if dim is None and allow_none:
-        return None
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim <= 0:
-        allowed = "a positive integer" + (" or None" if allow_none else "")
-        raise ValueError(f"Invalid dim={dim!r}: expected {allowed}.")
-    return int(dim)
+from keras_infini import validation
 
 
 def _exact_gelu(x):
@@ -64,7 +71,7 @@ class _Activation(keras.layers.Layer):
 
     def __init__(self, dim=None, **kwargs):
         super().__init__(**kwargs)
-        self.dim = _check_dim(dim, allow_none=not self.dim_required)
+        self.dim = validation.positive_int("dim", dim, allow_none=not self.dim_required)
         self.supports_masking = True
 
     def build(self, input_shape):
@@ -96,77 +103,26 @@ class _Activation(keras.layers.Layer):
         return config
 
 
-@keras.saving.register_keras_serializable(package="keras_infini")
-class ReLU(_Activation):
-    """`max(x, 0)`, elementwise.
-
-    Args: `dim` (optional, checked at build) and layer arguments, as every activation.
-
-    Example:
-
-    >>> import keras
-    >>> from keras_infini.layers.activations import ReLU
-    >>> keras.ops.convert_to_numpy(ReLU()(keras.ops.array([[-1.0, 2.0]]))).tolist()
-    [[0.0, 2.0]]
-    """
+def _elementwise(name, function, doc):
+    """A registered weightless `_Activation` subclass `name` computing `function(x)`."""
 
     def call(self, inputs):
-        return ops.relu(inputs)
+        return function(inputs)
+
+    cls = type(name, (_Activation,), {"__doc__": doc, "__module__": __name__, "call": call})
+    return keras.saving.register_keras_serializable(package="keras_infini")(cls)
 
 
-@keras.saving.register_keras_serializable(package="keras_infini")
-class GELU(_Activation):
-    """Exact GELU, `x * Phi(x) = 0.5 x (1 + erf(x / sqrt(2)))` (not the tanh approximation).
-
-    Args: `dim` (optional, checked at build) and layer arguments, as every activation.
-
-    Example:
-
-    >>> import keras
-    >>> from keras_infini.layers.activations import GELU
-    >>> y = GELU(dim=4)(keras.ops.ones((2, 3, 4)))
-    >>> tuple(y.shape), round(float(keras.ops.convert_to_numpy(y)[0, 0, 0]), 4)
-    ((2, 3, 4), 0.8413)
-    """
-
-    def call(self, inputs):
-        return _exact_gelu(inputs)
-
-
-@keras.saving.register_keras_serializable(package="keras_infini")
-class Abs(_Activation):
-    """`|x|`, elementwise.
-
-    Args: `dim` (optional, checked at build) and layer arguments, as every activation.
-
-    Example:
-
-    >>> import keras
-    >>> from keras_infini.layers.activations import Abs
-    >>> keras.ops.convert_to_numpy(Abs()(keras.ops.array([[-1.5, 2.0]]))).tolist()
-    [[1.5, 2.0]]
-    """
-
-    def call(self, inputs):
-        return ops.abs(inputs)
-
-
-@keras.saving.register_keras_serializable(package="keras_infini")
-class SiLU(_Activation):
-    """`x * sigmoid(x)` (SiLU), no weights; exactly `keras.activations.silu`.
-
-    Args: `dim` (optional, checked at build) and layer arguments, as every activation.
-
-    Example:
-
-    >>> import keras
-    >>> from keras_infini.layers.activations import SiLU
-    >>> round(float(keras.ops.convert_to_numpy(SiLU()(keras.ops.ones((1, 2))))[0, 0]), 4)
-    0.7311
-    """
-
-    def call(self, inputs):
-        return _swish(inputs)
+ReLU = _elementwise("ReLU", ops.relu, "`max(x, 0)`, elementwise, no weights.")
+GELU = _elementwise(
+    "GELU",
+    _exact_gelu,
+    "Exact GELU, `x * Phi(x) = 0.5 x (1 + erf(x / sqrt(2)))` (not the tanh form), no weights.",
+)
+Abs = _elementwise("Abs", ops.abs, "`|x|`, elementwise, no weights.")
+SiLU = _elementwise(
+    "SiLU", _swish, "`x * sigmoid(x)` (SiLU), no weights; exactly `keras.activations.silu`."
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_infini")
@@ -244,7 +200,29 @@ class Swish(_Activation):
 
 
 class _GatedUnit(_Activation):
-    """`gate(x W + b) * (x V + c)` with `(d, d)` kernels and `(d,)` biases."""
+    """`gate(x W + b) * (x V + c)`: the base of `SwiGLU` and `GeGLU`.
+
+    Args:
+        dim: int, the size `d` of the last axis of the inputs (and outputs).
+        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Attributes:
+        kernel_gate: `W`, `(d, d)`, Glorot-uniform.
+        bias_gate: `b`, `(d,)`, zeros.
+        kernel_value: `V`, `(d, d)`, Glorot-uniform.
+        bias_value: `c`, `(d,)`, zeros.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_infini.layers.activations import GeGLU, SwiGLU
+    >>> swiglu, geglu = SwiGLU(4), GeGLU(4)
+    >>> tuple(swiglu(keras.ops.ones((2, 3, 4))).shape), len(swiglu.trainable_weights)
+    ((2, 3, 4), 5)
+    >>> _ = geglu(keras.ops.ones((2, 4)))
+    >>> len(geglu.trainable_weights)
+    4
+    """
 
     dim_required = True
 
@@ -265,26 +243,9 @@ class _GatedUnit(_Activation):
 
 @keras.saving.register_keras_serializable(package="keras_infini")
 class SwiGLU(_GatedUnit):
-    """`swish(x W + b) * (x V + c)`, where `swish(t) = t * sigmoid(beta * t)`.
+    """`swish(x W + b) * (x V + c)`, `swish(t) = t * sigmoid(beta * t)`.
 
-    Args:
-        dim: int, the size `d` of the last axis of the inputs (and outputs).
-        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
-
-    Attributes:
-        kernel_gate: `W`, `(d, d)`, Glorot-uniform.
-        bias_gate: `b`, `(d,)`, zeros.
-        kernel_value: `V`, `(d, d)`, Glorot-uniform.
-        bias_value: `c`, `(d,)`, zeros.
-        beta: trainable scalar, shape `()`, initialised to 1.
-
-    Example:
-
-    >>> import keras
-    >>> from keras_infini.layers.activations import SwiGLU
-    >>> layer = SwiGLU(4)
-    >>> tuple(layer(keras.ops.ones((2, 3, 4))).shape), len(layer.trainable_weights)
-    ((2, 3, 4), 5)
+    Weights as `_GatedUnit`, plus `beta`: a trainable scalar `()`, initialised to 1.
     """
 
     def build_weights(self):
@@ -297,33 +258,34 @@ class SwiGLU(_GatedUnit):
 
 @keras.saving.register_keras_serializable(package="keras_infini")
 class GeGLU(_GatedUnit):
-    """`gelu(x W + b) * (x V + c)` with the exact (erf) GELU.
-
-    Args:
-        dim: int, the size `d` of the last axis of the inputs (and outputs).
-        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
-
-    Attributes:
-        kernel_gate: `W`, `(d, d)`, Glorot-uniform.
-        bias_gate: `b`, `(d,)`, zeros.
-        kernel_value: `V`, `(d, d)`, Glorot-uniform.
-        bias_value: `c`, `(d,)`, zeros.
-
-    Example:
-
-    >>> import keras
-    >>> from keras_infini.layers.activations import GeGLU
-    >>> layer = GeGLU(4)
-    >>> tuple(layer(keras.ops.ones((2, 3, 4))).shape), len(layer.trainable_weights)
-    ((2, 3, 4), 4)
-    """
+    """`gelu(x W + b) * (x V + c)` with the exact (erf) GELU; weights as `_GatedUnit`."""
 
     def gate(self, t):
         return _exact_gelu(t)
 
 
 class _GatedFFN(_Activation):
-    """`(gate(x W1) * (x V)) W2` with inner width `ceil(2 d / 3)`, no biases."""
+    """`(gate(x W1) * (x V)) W2`, inner width `ceil(2 d / 3)`, no biases: the base of
+    `FFNGLU`, `FFNGeGLU` and `FFNSwiGLU`.
+
+    Args:
+        dim: int, the size `d` of the last axis of the inputs (and outputs).
+        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Attributes:
+        kernel_gate: `W1`, `(d, inner)`, Glorot-uniform.
+        kernel_value: `V`, `(d, inner)`, Glorot-uniform.
+        kernel_out: `W2`, `(inner, d)`, Glorot-uniform.
+        inner_dim: `ceil(2 d / 3)`.
+
+    Example:
+
+    >>> import keras
+    >>> from keras_infini.layers.activations import FFNGLU
+    >>> layer = FFNGLU(7)
+    >>> tuple(layer(keras.ops.ones((2, 7))).shape), tuple(layer.kernel_out.shape)
+    ((2, 7), (5, 7))
+    """
 
     dim_required = True
 
@@ -349,26 +311,7 @@ class _GatedFFN(_Activation):
 
 @keras.saving.register_keras_serializable(package="keras_infini")
 class FFNGLU(_GatedFFN):
-    """`(sigmoid(x W1) * (x V)) W2`, inner width `ceil(2 d / 3)`.
-
-    Args:
-        dim: int, the size `d` of the last axis of the inputs (and outputs).
-        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
-
-    Attributes:
-        kernel_gate: `W1`, `(d, inner)`, Glorot-uniform.
-        kernel_value: `V`, `(d, inner)`, Glorot-uniform.
-        kernel_out: `W2`, `(inner, d)`, Glorot-uniform.
-        inner_dim: `ceil(2 d / 3)`.
-
-    Example:
-
-    >>> import keras
-    >>> from keras_infini.layers.activations import FFNGLU
-    >>> layer = FFNGLU(7)
-    >>> tuple(layer(keras.ops.ones((2, 7))).shape), tuple(layer.kernel_out.shape)
-    ((2, 7), (5, 7))
-    """
+    """`(sigmoid(x W1) * (x V)) W2`; weights as `_GatedFFN`."""
 
     def gate(self, t):
         return ops.sigmoid(t)
@@ -376,26 +319,7 @@ class FFNGLU(_GatedFFN):
 
 @keras.saving.register_keras_serializable(package="keras_infini")
 class FFNGeGLU(_GatedFFN):
-    """`(gelu(x W1) * (x V)) W2` with the exact (erf) GELU, inner width `ceil(2 d / 3)`.
-
-    Args:
-        dim: int, the size `d` of the last axis of the inputs (and outputs).
-        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
-
-    Attributes:
-        kernel_gate: `W1`, `(d, inner)`, Glorot-uniform.
-        kernel_value: `V`, `(d, inner)`, Glorot-uniform.
-        kernel_out: `W2`, `(inner, d)`, Glorot-uniform.
-        inner_dim: `ceil(2 d / 3)`.
-
-    Example:
-
-    >>> import keras
-    >>> from keras_infini.layers.activations import FFNGeGLU
-    >>> layer = FFNGeGLU(6)
-    >>> tuple(layer(keras.ops.ones((2, 5, 6))).shape), layer.inner_dim
-    ((2, 5, 6), 4)
-    """
+    """`(gelu(x W1) * (x V)) W2` with the exact (erf) GELU; weights as `_GatedFFN`."""
 
     def gate(self, t):
         return _exact_gelu(t)
@@ -403,26 +327,8 @@ class FFNGeGLU(_GatedFFN):
 
 @keras.saving.register_keras_serializable(package="keras_infini")
 class FFNSwiGLU(_GatedFFN):
-    """`(swish_1(x W1) * (x V)) W2`, `swish_1(t) = t * sigmoid(t)` (no `beta` weight).
-
-    Args:
-        dim: int, the size `d` of the last axis of the inputs (and outputs).
-        **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
-
-    Attributes:
-        kernel_gate: `W1`, `(d, inner)`, Glorot-uniform.
-        kernel_value: `V`, `(d, inner)`, Glorot-uniform.
-        kernel_out: `W2`, `(inner, d)`, Glorot-uniform.
-        inner_dim: `ceil(2 d / 3)`.
-
-    Example:
-
-    >>> import keras
-    >>> from keras_infini.layers.activations import FFNSwiGLU
-    >>> layer = FFNSwiGLU(5)
-    >>> tuple(layer(keras.ops.ones((3, 5))).shape), layer.inner_dim
-    ((3, 5), 4)
-    """
+    """`(swish_1(x W1) * (x V)) W2`, `swish_1(t) = t * sigmoid(t)` (no `beta` weight);
+    weights as `_GatedFFN`."""
 
     def gate(self, t):
         return _swish(t)
@@ -477,10 +383,10 @@ def get_activation(activation, dim, **kwargs):
     if isinstance(name, dict):  # a serialised function, as InfiniTransformer's config holds
         name = keras.saving.deserialize_keras_object(name)
     if callable(name) and not isinstance(name, keras.layers.Layer):
-        return ActivationFunction(name, _check_dim(dim, allow_none=False), **kwargs)
+        return ActivationFunction(name, validation.positive_int("dim", dim), **kwargs)
     if not isinstance(name, str) or name not in ACTIVATION_CLASSES:
         raise ValueError(
             f"Invalid activation={name!r}: expected one of {', '.join(ACTIVATIONS)}, or a "
             "callable."
         )
-    return ACTIVATION_CLASSES[name](_check_dim(dim, allow_none=False), **kwargs)
+    return ACTIVATION_CLASSES[name](validation.positive_int("dim", dim), **kwargs)

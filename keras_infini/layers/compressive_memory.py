@@ -159,24 +159,10 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
     """
 
     def __init__(
-        self,
-        dim_input,
-        dim_key,
-        dim_value,
-        num_heads,
-        segment_len,
-        sampling_factor=None,
-        update="linear",
-        causal=False,
-        positional_embedder=None,
-        init_state_learnable=False,
-        return_state=False,
-        group_tokens="auto",
-        memory_feature_map="elu1",
-        write_strength=False,
-        gate_init=0.0,
-        gate_lr_scale=1.0,
-        **kwargs,
+        self, dim_input, dim_key, dim_value, num_heads, segment_len, sampling_factor=None,
+        update="linear", causal=False, positional_embedder=None, init_state_learnable=False,
+        return_state=False, group_tokens="auto", memory_feature_map="elu1",
+        write_strength=False, gate_init=0.0, gate_lr_scale=1.0, **kwargs,
     ):
         kwargs = self.set_weight_args(kwargs, with_bias=False)
         super().__init__(**kwargs)
@@ -320,15 +306,8 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
         )
 
     # ------------------------------------------------------------------ call
-    def call(
-        self,
-        inputs,
-        mask=None,
-        positions=None,
-        initial_state=None,
-        training=None,
-        return_state=None,
-    ):
+    def call(self, inputs, mask=None, positions=None, initial_state=None, training=None,
+             return_state=None):
         mask = validation.sequence_tensor("mask", mask, inputs)
         positions = validation.sequence_tensor("positions", positions, inputs)
         initial_state = validation.state(

@@ -89,26 +89,10 @@ class InfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
     """
 
     def __init__(
-        self,
-        dim_input,
-        dim_hidden,
-        dim_key,
-        dim_value,
-        num_heads,
-        activation,
-        segment_len,
-        update="linear",
-        causal=False,
-        positional_embedder=None,
-        init_state_learnable=False,
-        dropout=0.0,
-        normalize_first=True,
-        layer_norm_epsilon=1e-5,
-        return_state=False,
-        memory_feature_map="elu1",
-        write_strength=False,
-        gate_init=0.0,
-        gate_lr_scale=1.0,
+        self, dim_input, dim_hidden, dim_key, dim_value, num_heads, activation, segment_len,
+        update="linear", causal=False, positional_embedder=None, init_state_learnable=False,
+        dropout=0.0, normalize_first=True, layer_norm_epsilon=1e-5, return_state=False,
+        memory_feature_map="elu1", write_strength=False, gate_init=0.0, gate_lr_scale=1.0,
         **kwargs,
     ):
         kwargs = self.set_weight_args(kwargs, with_bias=True)
@@ -230,15 +214,8 @@ class InfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
             y = self.mlp_norm(h + self.mlp_dropout(self.mlp(h), training=training))
         return y, memory, norm
 
-    def call(
-        self,
-        inputs,
-        mask=None,
-        positions=None,
-        initial_state=None,
-        training=None,
-        return_state=None,
-    ):
+    def call(self, inputs, mask=None, positions=None, initial_state=None, training=None,
+             return_state=None):
         mask = validation.sequence_tensor("mask", mask, inputs)
         if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(inputs.dtype)):
             inputs = keras.ops.cast(inputs, self.compute_dtype)  # integer inputs

@@ -1,6 +1,7 @@
 """MoDInfiniTransformer: Mixture-of-Depths routing (arXiv 2404.02258) around an InfiniTransformer."""
 
 import fractions
+import inspect
 import math
 import numbers
 
@@ -43,6 +44,15 @@ _BLOCK_SUBLAYERS = (
 )
 
 
+BLOCK_OPTIONS = tuple(
+    name
+    for name in inspect.signature(InfiniTransformer.__init__).parameters
+    if name not in ("self", "dim_input", "dim_hidden", "dim_key", "dim_value", "num_heads",
+                    "activation", "segment_len", "return_state", "kwargs")
+)
+"""InfiniTransformer's options that `MoDInfiniTransformer` passes to its block unchanged."""
+
+
 class _RouterLossMean(keras.metrics.Mean):
     """The router-loss running mean: a per-epoch log, not model state, so never saved."""
 
@@ -57,7 +67,7 @@ def _block_alias(name):
     def get(self):
         return getattr(self.block, name)
 
-    get.__doc__ = f"`self.block.{name}` (the inner `InfiniTransformer`'s sublayer)."
+    get.__doc__ = f"`self.block.{name}` (read from the inner `InfiniTransformer`)."
     return property(get)
 
 
@@ -136,32 +146,14 @@ class MoDInfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.L
     """
 
     def __init__(
-        self,
-        dim_input,
-        dim_hidden,
-        dim_key,
-        dim_value,
-        num_heads,
-        activation,
-        segment_len,
-        sampling_factor,
-        update="linear",
-        causal=False,
-        positional_embedder=None,
-        init_state_learnable=False,
-        dropout=0.0,
-        normalize_first=True,
-        layer_norm_epsilon=1e-5,
-        return_state=False,
-        router_loss_weight=1.0,
-        return_router_outputs=False,
-        memory_feature_map="elu1",
-        write_strength=False,
-        gate_init=0.0,
-        gate_lr_scale=1.0,
-        **kwargs,
+        self, dim_input, dim_hidden, dim_key, dim_value, num_heads, activation, segment_len,
+        sampling_factor, return_state=False, router_loss_weight=1.0,
+        return_router_outputs=False, **kwargs,
     ):
         kwargs = self.set_weight_args(kwargs, with_bias=True)
+        # The block's own options (update, causal, dropout, memory options, ...) go to it
+        # as they are: one signature and one set of checks, InfiniTransformer's.
+        block_options = {name: kwargs.pop(name) for name in BLOCK_OPTIONS if name in kwargs}
         super().__init__(**kwargs)
         segment_len = validation.positive_int("segment_len", segment_len)
         self.segment_len = segment_len
@@ -174,63 +166,20 @@ class MoDInfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.L
             "return_router_outputs", return_router_outputs
         )
         self.return_state = validation.boolean("return_state", return_state)
-        self._embedder_arg = positional_embedder
+        self._embedder_arg = block_options.pop("positional_embedder", None)
         self.supports_masking = True
         # The inner block sees `capacity` tokens per segment; its positional embedder is
         # resolved here for the full segment (positions are in-segment, 0..segment_len-1).
+        embedder = named_positional_embedder(self._embedder_arg, dim_key, self.segment_len)
         self.block = InfiniTransformer(
-            dim_input,
-            dim_hidden,
-            dim_key,
-            dim_value,
-            num_heads,
-            activation,
-            self.capacity,
-            update=update,
-            causal=causal,
-            positional_embedder=named_positional_embedder(
-                positional_embedder, dim_key, self.segment_len
-            ),
-            init_state_learnable=init_state_learnable,
-            dropout=dropout,
-            normalize_first=normalize_first,
-            layer_norm_epsilon=layer_norm_epsilon,
-            return_state=True,
-            memory_feature_map=memory_feature_map,
-            write_strength=write_strength,
-            gate_init=gate_init,
-            gate_lr_scale=gate_lr_scale,
-            dtype=self.dtype_policy,
-            name="block",
-            **self.weight_kwargs(),
+            dim_input, dim_hidden, dim_key, dim_value, num_heads, activation, self.capacity,
+            positional_embedder=embedder, return_state=True, dtype=self.dtype_policy,
+            name="block", **block_options, **self.weight_kwargs(),
         )
         self.router = keras.layers.Dense(
             1, dtype=self.dtype_policy, name="router", **self.weight_kwargs()
         )
         self.router_loss_tracker = _RouterLossMean(name="router_loss")
-
-    # The block's arguments, read back from it (one source of truth).
-    dim_input = property(lambda self: self.block.dim_input)
-    dim_hidden = property(lambda self: self.block.dim_hidden)
-    dim_key = property(lambda self: self.block.dim_key)
-    dim_value = property(lambda self: self.block.dim_value)
-    num_heads = property(lambda self: self.block.num_heads)
-    activation = property(lambda self: self.block.activation)
-    update = property(lambda self: self.block.update)
-    causal = property(lambda self: self.block.causal)
-    init_state_learnable = property(lambda self: self.block.init_state_learnable)
-    dropout = property(lambda self: self.block.dropout)
-    normalize_first = property(lambda self: self.block.normalize_first)
-    layer_norm_epsilon = property(lambda self: self.block.layer_norm_epsilon)
-
-    attention = _block_alias("attention")
-    attention_norm = _block_alias("attention_norm")
-    mlp_norm = _block_alias("mlp_norm")
-    mlp_in = _block_alias("mlp_in")
-    mlp_activation = _block_alias("mlp_activation")
-    mlp_out = _block_alias("mlp_out")
-    attention_dropout = _block_alias("attention_dropout")
-    mlp_dropout = _block_alias("mlp_dropout")
 
     def __dir__(self):
         # Keras' saver walks `dir(layer)` in sorted order and stores each object under the
@@ -345,23 +294,26 @@ class MoDInfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.L
         config.update(self.weight_config())
         block = self.block.get_config()
         for key in ("dim_input", "dim_hidden", "dim_key", "dim_value", "num_heads",
-                    "activation"):
-            config[key] = block[key]
-        config["segment_len"] = self.segment_len
-        config["sampling_factor"] = self.sampling_factor
-        for key in ("update", "causal"):
-            config[key] = block[key]
-        embedder = self.embedder_config()
-        config["positional_embedder"] = embedder
-        for key in ("init_state_learnable", "dropout", "normalize_first",
-                    "layer_norm_epsilon", "memory_feature_map", "write_strength",
-                    "gate_init", "gate_lr_scale"):
+                    "activation") + BLOCK_OPTIONS:
             config[key] = block[key]
         config.update(
             {
+                "segment_len": self.segment_len,
+                "sampling_factor": self.sampling_factor,
+                "positional_embedder": self.embedder_config(),
                 "return_state": self.return_state,
                 "router_loss_weight": self.router_loss_weight,
                 "return_router_outputs": self.return_router_outputs,
             }
         )
         return config
+
+
+# The block's arguments, read back from it (one source of truth), and its sublayers under
+# their InfiniTransformer names (see `__dir__`).
+for _name in (
+    "dim_input", "dim_hidden", "dim_key", "dim_value", "num_heads", "activation", "update",
+    "causal", "init_state_learnable", "dropout", "normalize_first", "layer_norm_epsilon",
+) + _BLOCK_SUBLAYERS:
+    setattr(MoDInfiniTransformer, _name, _block_alias(_name))
+del _name

@@ -29,32 +29,10 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_infini import validation
+
 _DIGIT_BASE = 256
 _NUM_DIGITS = 4  # three unsigned base-256 digits and a signed top digit: every int32
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"Invalid {name}={value!r}: expected a positive integer.")
-    return int(value)
-
-
-def _int_axis(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"Invalid {name}={value!r}: expected an integer axis.")
-    return int(value)
-
-
-def _real(name, value, condition=lambda v: True, allowed="a finite real number"):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or not condition(value)
-    ):
-        raise ValueError(f"Invalid {name}={value!r}: expected {allowed}.")
-    # Plain Python numbers keep `get_config()` JSON-serialisable.
-    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 @keras.saving.register_keras_serializable(package="keras_infini")
@@ -139,17 +117,17 @@ class RoPEEmbeddings(keras.layers.Layer):
     ):
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
-        dim = _positive_int("dim", dim)
+        dim = validation.positive_int("dim", dim)
         if seq_len is not None:  # deprecated, ignored; still validated when given
-            seq_len = _positive_int("seq_len", seq_len)
-        sequence_axis = _int_axis("sequence_axis", sequence_axis)
-        feature_axis = _int_axis("feature_axis", feature_axis)
+            seq_len = validation.positive_int("seq_len", seq_len)
+        sequence_axis = validation.axis("sequence_axis", sequence_axis)
+        feature_axis = validation.axis("feature_axis", feature_axis)
         if sequence_axis == feature_axis:
             raise ValueError(
                 f"Invalid sequence_axis={sequence_axis} and feature_axis={feature_axis}: "
                 "they must be different axes."
             )
-        dim_embeddings_pct = _real(
+        dim_embeddings_pct = validation.real(
             "dim_embeddings_pct", dim_embeddings_pct, lambda v: 0 < v <= 1, "a number in (0, 1]"
         )
         d_rot = int(dim * dim_embeddings_pct)
@@ -159,7 +137,7 @@ class RoPEEmbeddings(keras.layers.Layer):
                 f"Invalid dim_embeddings_pct={dim_embeddings_pct!r} for dim={dim}: it leaves no "
                 "channel pair to rotate; int(dim * dim_embeddings_pct) must be >= 2."
             )
-        base = _real("base", base, lambda v: v > 1, "a number greater than 1")
+        base = validation.real("base", base, lambda v: v > 1, "a number greater than 1")
         self.dim = dim
         self.seq_len = seq_len
         self.dim_embeddings_pct = dim_embeddings_pct
@@ -410,22 +388,22 @@ class YaRNEmbeddings(RoPEEmbeddings):
             feature_axis=feature_axis,
             **kwargs,
         )
-        context_len = _real("context_len", context_len, lambda v: v > 0, "a positive number")
-        context_len_ext = _real(
+        context_len = validation.real("context_len", context_len, lambda v: v > 0, "a positive number")
+        context_len_ext = validation.real(
             "context_len_ext",
             context_len_ext,
             lambda v: v >= context_len,
             f"a number >= context_len={context_len!r}",
         )
-        alpha = _real("alpha", alpha)
-        beta = _real("beta", beta, lambda v: v > alpha, f"a number greater than alpha={alpha!r}")
-        if len_scale is not None:
-            len_scale = _real("len_scale", len_scale, lambda v: v > 0, "None or a number > 0")
-        self.context_len = context_len
-        self.context_len_ext = context_len_ext
-        self.alpha = alpha
-        self.beta = beta
-        self.len_scale = len_scale
+        alpha = validation.real("alpha", alpha)
+        beta = validation.real(
+            "beta", beta, lambda v: v > alpha, f"a number greater than alpha={alpha!r}"
+        )
+        len_scale = validation.real(
+            "len_scale", len_scale, lambda v: v > 0, "None or a number > 0", allow_none=True
+        )
+        self.context_len, self.context_len_ext = context_len, context_len_ext
+        self.alpha, self.beta, self.len_scale = alpha, beta, len_scale
 
         s = context_len_ext / context_len
         ratio = context_len / (2.0 * math.pi / self.theta)
