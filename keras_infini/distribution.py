@@ -98,8 +98,11 @@ def get_layout_map(device_mesh, model_dim="model", batch_dim="batch"):
     | `mlp_activation/kernel_gate`, `kernel_value` | `(F, F or ceil(2F/3))` | `(model, None)` |
     | `mlp_activation/kernel_out` | `(ceil(2F/3), F)` | `(None, model)` |
     | `embeddings` (Keras `Embedding`) | `(vocab, D)` | `(None, model)` |
-    | `dense*/kernel`, `dense*/bias` (an unnamed Keras `Dense`, e.g. the LM head) | `(D, V)`, `(V,)` | `(None, model)`, `(model,)` |
-    | `gate`, `initial_memory`, `initial_norm`, `router/*`, `gamma`, `beta`, `mlp_out/bias`, activation biases | | replicated |
+    | `dense*/kernel`, `/bias` (unnamed Keras `Dense`) | `(D, V)`, `(V,)` | `(None, model)`, `(model,)` |
+    | everything else named here | | replicated |
+
+    Replicated: `gate`, `initial_memory`, `initial_norm`, `router/*` (MoD's `Dense(1)`),
+    `gamma`, `beta` (norms, activation scalars), `mlp_out/bias`, the activation biases.
 
     So `num_heads`, `dim_hidden`, the embedding width and an unnamed `Dense`'s units
     must divide by the size of `model_dim` (Keras refuses an axis that does not split).

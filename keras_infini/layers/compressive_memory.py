@@ -102,7 +102,9 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
             (whole segments), state carried, so the working set does not grow with the
             length: `"auto"` (4096 tokens; 2048 on PyTorch, measured in
             benchmarks/bench_attention.py), `None` (all segments in one batch) or a
-            positive int. Results do not depend on it.
+            positive int. Results do not depend on it. Not used under
+            `keras_infini.distribution.SequenceParallel`, where each device runs its
+            own segments in one batch.
         kernel_initializer, kernel_regularizer, kernel_constraint: for the query, key,
             value and output projections (each gets its own clone), as in Keras'
             `MultiHeadAttention`. Default `"glorot_uniform"`, no regularizer/constraint.
