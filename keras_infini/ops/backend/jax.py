@@ -29,9 +29,13 @@ def sequence_shard_map(fn, sharded, replicated, sequence):
     # `all_gather_invariant` (Varying -> Invariant; JAX 0.10 keeps it in `jax._src`) lets
     # the composed final state be declared replicated over the axis (out_specs `P()`)
     # with `check_vma` on; its transpose is a slice of the summed cotangents.
+    # If a JAX version has neither, the caller falls back to the annotated keras.ops path.
     gather = getattr(jax.lax, "all_gather_invariant", None)
     if gather is None:
-        from jax._src.lax.parallel import all_gather_invariant as gather
+        try:
+            from jax._src.lax.parallel import all_gather_invariant as gather
+        except ImportError:
+            raise NotImplementedError from None
 
     axis = sequence.seq_dim
     mesh = sequence.device_mesh.backend_mesh
