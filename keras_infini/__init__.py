@@ -21,6 +21,7 @@ from keras_infini.layers.infini_transformer import InfiniTransformer
 from keras_infini.layers.mod_infini_transformer import MoDInfiniTransformer
 from keras_infini.layers.rotary import RoPEEmbeddings
 from keras_infini.layers.rotary import YaRNEmbeddings
+from keras_infini import distribution  # noqa: F401
 from keras_infini import streaming  # noqa: F401
 from keras_infini.lora import enable_lora
 

@@ -11,6 +11,7 @@ from keras_infini.ops import attention as attention_ops
 from keras_infini.ops import loops
 from keras_infini.ops import memory as memory_ops
 from keras_infini.ops import segments as segment_ops
+from keras_infini import distribution
 from keras_infini import validation
 
 UPDATES = ("linear", "delta")
@@ -101,7 +102,9 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
             (whole segments), state carried, so the working set does not grow with the
             length: `"auto"` (4096 tokens; 2048 on PyTorch, measured in
             benchmarks/bench_attention.py), `None` (all segments in one batch) or a
-            positive int. Results do not depend on it.
+            positive int. Results do not depend on it. Not used under
+            `keras_infini.distribution.SequenceParallel`, where each device runs its
+            own segments in one batch.
         kernel_initializer, kernel_regularizer, kernel_constraint: for the query, key,
             value and output projections (each gets its own clone), as in Keras'
             `MultiHeadAttention`. Default `"glorot_uniform"`, no regularizer/constraint.
@@ -329,32 +332,38 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
         seg = self.segment_len
         if isinstance(length, int):
             seg = min(seg, length)
+        # Under SequenceParallel the segments are split over devices: pad to a multiple
+        # of `seg * shards` tokens (whole padding segments are invalid) and constrain the
+        # folded tensors' segment axis to the sequence mesh axis.
+        sequence = distribution.sequence_sharding()
+        unit = seg * distribution.sequence_multiple(sequence)
         # Pad to whole segments; `valid` marks real, unmasked tokens (bool), or is None
         # when every token is real (no mask, no padding): no mask tensor to build, apply or
         # constant-fold (see `attention_ops.attention_mask`).
-        if mask is None and isinstance(length, int) and length % seg == 0:
+        if mask is None and isinstance(length, int) and length % unit == 0:
             valid = None
         else:
-            valid = segment_ops.fold(segment_ops.valid_tokens(inputs, mask, seg), seg) > 0
-        x = segment_ops.pad_to_segments(ops.cast(inputs, self.compute_dtype), seg, axis=1)
-        x = segment_ops.fold(x, seg)  # (b, n, S, D)
+            valid = segment_ops.fold(segment_ops.valid_tokens(inputs, mask, unit), seg) > 0
+            valid = distribution.constrain_segments(valid, sequence)
+        x = segment_ops.pad_to_segments(ops.cast(inputs, self.compute_dtype), unit, axis=1)
+        x = distribution.constrain_segments(segment_ops.fold(x, seg), sequence)  # (b, n, S, D)
         pos = None
         if self.positional_embedder is not None and positions is not None:
             # Integer positions stay integers; float positions keep their fraction.
             pos_dtype = "int32" if "int" in str(positions.dtype) else "float32"
-            pos = segment_ops.pad_to_segments(ops.cast(positions, pos_dtype), seg)
-            pos = segment_ops.fold(pos, seg)  # (b, n, S)
+            pos = segment_ops.pad_to_segments(ops.cast(positions, pos_dtype), unit)
+            pos = distribution.constrain_segments(segment_ops.fold(pos, seg), sequence)
 
         group = loops.group_segments(self.group_tokens, seg)
         n = x.shape[1]
-        if group is not None and n is not None and n > group:
+        if group is not None and n is not None and n > group and sequence is None:
             outputs, memory_final, norm_final = self._grouped_segments(
                 x, valid, pos, memory0, norm0, group
             )
         else:
             mixed, memory_final, norm_final = self._segments(x, valid, pos, memory0, norm0)
             outputs = self.output_dense(mixed)  # (b, n, S, D)
-        outputs = segment_ops.unfold(outputs)
+        outputs = segment_ops.unfold(distribution.constrain_segments(outputs, sequence))
         outputs = segment_ops.trim(outputs, length)
         return self.pack_outputs(outputs, [], memory_final, norm_final, return_state)
 
@@ -455,18 +464,20 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
             value = ops.where(keep, value, ops.zeros_like(value))
         value32 = ops.cast(value, "float32")
         normalised = self.memory_feature_map in memory_ops.NORMALISED_FEATURE_MAPS
-        norm_before, norm_final = memory_ops.norm_states(write_k, norm0)
+        sequence = distribution.sequence_sharding()  # segments split over devices
+        norm_before, norm_final = memory_ops.norm_states(write_k, norm0, sequence=sequence)
         if self.update == "linear":
             memory_before, memory_final = memory_ops.linear_memory_states(
-                write_k, value32, memory0
+                write_k, value32, memory0, sequence=sequence
             )
         elif normalised and not self.write_strength:  # the paper's delta rule
             memory_before, memory_final = memory_ops.delta_memory_states(
-                read_k, value32, norm_before, memory0
+                read_k, value32, norm_before, memory0, sequence=sequence
             )
         else:
             memory_before, memory_final = memory_ops.delta_memory_states_general(
-                read_k, write_k, value32, norm_before, memory0, normalised=normalised
+                read_k, write_k, value32, norm_before, memory0, normalised=normalised,
+                sequence=sequence,
             )
         phi_q = memory_ops.feature_map(query, self.memory_feature_map)
         if normalised:

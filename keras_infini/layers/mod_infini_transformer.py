@@ -10,6 +10,7 @@ from keras import ops
 
 from keras.src.backend.common import stateless_scope
 
+from keras_infini import distribution
 from keras_infini import validation
 from keras_infini.layers._outputs import StatefulOutputsMixin
 from keras_infini.layers._weights import WeightArgsMixin
@@ -216,9 +217,17 @@ class MoDInfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.L
             keep = ops.cast(mask, "bool")[..., None]
             clean = ops.where(keep, inputs, ops.zeros_like(inputs))
         logits = self.router(clean)  # (b, L, 1)
-        valid = segment_ops.fold(segment_ops.valid_tokens(inputs, mask, seg), seg)
-        x = segment_ops.fold(segment_ops.pad_to_segments(clean, seg), seg)  # (b, n, S, D)
-        r = segment_ops.fold(segment_ops.pad_to_segments(logits[..., 0], seg), seg)
+        # Under SequenceParallel: whole segments per device (see CompressiveMemory).
+        sequence = distribution.sequence_sharding()
+        unit = seg * distribution.sequence_multiple(sequence)
+
+        def segments(t):  # (b, L, ...) -> (b, n, S, ...), n % shards == 0
+            t = segment_ops.pad_to_segments(t, unit)
+            return distribution.constrain_segments(segment_ops.fold(t, seg), sequence)
+
+        valid = segments(segment_ops.valid_tokens(inputs, mask, unit))  # already padded
+        x = segments(clean)  # (b, n, S, D)
+        r = segments(logits[..., 0])
 
         if training:
             indices, slot_valid = routing.top_k_selection(r, valid, k)

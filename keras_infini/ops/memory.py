@@ -17,6 +17,7 @@ import math
 
 from keras import ops
 
+from keras_infini.ops import backend as fast
 from keras_infini.ops import loops
 
 EPSILON = 1e-6
@@ -45,32 +46,39 @@ def segment_norm_updates(sigma_k):
     return ops.sum(sigma_k, axis=3)
 
 
-def norm_states(sigma_k, norm0):
+def norm_states(sigma_k, norm0, sequence=None):
     """Normaliser before each segment and after the last one.
 
     Args:
         sigma_k: float32 `(batch, n, h, S, dk)`, zero for masked tokens.
         norm0: float32 `(batch, h, dk)`.
+        sequence: a `keras_infini.distribution.SequenceSharding` when axis 1 is split
+            over devices (see "Sequence sharding" below), else None.
     Returns:
         `(norm_before (batch, n, h, dk), norm_final (batch, h, dk))`.
     """
     updates = segment_norm_updates(sigma_k)
+    if sequence is not None:
+        return sharded_prefix_states(updates, norm0, sequence)
     before = norm0[:, None] + exclusive_cumsum(updates)
     final = norm0 + ops.sum(updates, axis=1)
     return before, final
 
 
-def linear_memory_states(sigma_k, value, memory0):
+def linear_memory_states(sigma_k, value, memory0, sequence=None):
     """Memory before each segment for the `linear` update: an exclusive cumsum over segments.
 
     Args:
         sigma_k: float32 `(batch, n, h, S, dk)`, zero for masked tokens.
         value: float32 `(batch, n, h, S, dv)`.
         memory0: float32 `(batch, h, dk, dv)`.
+        sequence: as in `norm_states`.
     Returns:
         `(memory_before (batch, n, h, dk, dv), memory_final (batch, h, dk, dv))`.
     """
     updates = ops.einsum("bnhsk,bnhsv->bnhkv", sigma_k, value)
+    if sequence is not None:
+        return sharded_prefix_states(updates, memory0, sequence)
     before = memory0[:, None] + exclusive_cumsum(updates)
     final = memory0 + ops.sum(updates, axis=1)
     return before, final
@@ -157,7 +165,7 @@ def delta_memory_states_associative(sigma_k, value, norm_before, memory0):
     return before, offset[:, -1]
 
 
-def delta_memory_states(sigma_k, value, norm_before, memory0, method="scan"):
+def delta_memory_states(sigma_k, value, norm_before, memory0, method="scan", sequence=None):
     """Delta-rule memory states.
 
     `method="scan"` (default): the sequential recurrence through `loops.scan` (fewest
@@ -165,7 +173,14 @@ def delta_memory_states(sigma_k, value, norm_before, memory0, method="scan"):
     `method="associative"`: the log-depth parallel scan of the affine maps (static segment
     count; `dk^2 (dk + dv) log n` FLOPs per segment against `S dk dv`, slower on a 2-core
     CPU: train step 0.219 s vs 0.181 s at 4K tokens). Both are tested against each other.
+    `sequence` (see `norm_states`): each device runs `method` on its own segments
+    (`sharded_affine_states`).
     """
+    if sequence is not None:
+        return sharded_affine_states(
+            lambda inputs, v, m0: delta_memory_states(inputs[0], v, inputs[1], m0, method),
+            (sigma_k, norm_before), value, memory0, sequence,
+        )
     if method == "associative":
         return delta_memory_states_associative(sigma_k, value, norm_before, memory0)
     if method == "scan":
@@ -232,14 +247,22 @@ def _delta_step_general(memory, read_k, write_k, value, norm, normalised):
 
 
 def delta_memory_states_general(read_k, write_k, value, norm_before, memory0,
-                                normalised=True):
+                                normalised=True, sequence=None):
     """Delta-rule memory states with read keys `read_k` and write keys `write_k`.
 
     Same layout and contract as `delta_memory_states` (states before each segment and
     after the last, float32). With `write_k is read_k` and `normalised=True` it is the
     paper's delta rule. The recurrence runs over segments through `loops.scan`;
     `norm_before` (the normaliser before each segment) is an input, not carried.
+    `sequence`: see `norm_states` (each device scans its own segments).
     """
+    if sequence is not None:
+        return sharded_affine_states(
+            lambda inputs, v, m0: delta_memory_states_general(
+                inputs[0], inputs[1], v, inputs[2], m0, normalised=normalised
+            ),
+            (read_k, write_k, norm_before), value, memory0, sequence,
+        )
     dim_key = read_k.shape[-1]
     keys = ops.concatenate([read_k, write_k], axis=-1)  # one stacked tensor per segment
 
@@ -262,3 +285,110 @@ def delta_memory_states_general(read_k, write_k, value, norm_before, memory0,
 def retrieve_unnormalised(phi_q, memory_before):
     """`A_mem = phi(Q) M` for every segment at once (float32), for maps like "l2"."""
     return ops.matmul(phi_q, memory_before)
+
+
+# --------------------------------------------------------------------------- sequence sharding
+# Under `keras_infini.distribution.SequenceParallel` the segment axis (axis 1) is split
+# over the mesh axis `seq_dim` into `shards` contiguous blocks, one per device. The state
+# before each segment is then computed the LASP-2 way: every device summarises its own
+# segments, only the small summaries are all-gathered over `seq_dim`, and each device
+# combines the summaries of the devices before it into its incoming state.
+#   linear / norm: the summary is the sum of the device's updates; incoming state =
+#       initial state + the sums of the earlier devices.
+#   delta: the device's segments act on the memory as one affine map `M -> A M + B`
+#       (the update is affine in M, and `z` does not depend on M); incoming memory =
+#       the earlier devices' maps composed, applied to the initial memory.
+# XLA's SPMD partitioner given only sharding annotations all-gathers the whole sequence
+# of per-segment states for an exclusive cumsum over a sharded axis, and reshards the
+# associative scan's log-depth shifts with collective-permutes and all-to-alls (measured,
+# see the commit message and README "Scaling out"), hence this explicit form. The
+# exchange itself (`ops.backend.sequence_shard_map`) is a JAX `shard_map`; the math is
+# here, in keras.ops. Without a backend fast path it runs as one shard (the plain math).
+
+
+def _sequence_map(fn, sharded, replicated, sequence):
+    """`fn(index, shards, gather, sharded, replicated) -> (sharded_out, replicated_out)`
+    run once per sequence shard (`index` its position, `gather(t)` stacks `t` from every
+    shard on a new axis 0), or once on the whole sequence when `sequence` is None or the
+    backend has no fast path."""
+    if sequence is not None:
+        n = sharded[0].shape[1]
+        if n is None or n % sequence.size:
+            raise ValueError(
+                f"Invalid number of segments {n}: sequence sharding over "
+                f"{sequence.seq_dim!r} needs a multiple of its size {sequence.size} (the "
+                "layers pad to one; pad the input to segment_len * size tokens)."
+            )
+        try:
+            return fast.sequence_shard_map(fn, tuple(sharded), tuple(replicated), sequence)
+        except NotImplementedError:
+            pass
+    return fn(0, 1, lambda t: t[None], tuple(sharded), tuple(replicated))
+
+
+def _earlier(index, shards, rank):
+    """Bool `(shards, 1, ..., 1)` (rank `rank`): which shards come before `index`."""
+    earlier = ops.arange(shards) < index
+    return ops.reshape(earlier, (shards,) + (1,) * (rank - 1))
+
+
+def sharded_prefix_states(updates, state0, sequence):
+    """`state0 + exclusive prefix sum` of `updates` `(batch, n, ...)` over axis 1, with
+    axis 1 split over `sequence`: `(before (batch, n, ...), final (batch, ...))`."""
+
+    def per_shard(index, shards, gather, sharded, replicated):
+        (local,), (initial,) = sharded, replicated
+        total = ops.sum(local, axis=1)  # this shard's summary
+        totals = gather(total)  # (shards, batch, ...)
+        earlier = _earlier(index, shards, len(totals.shape))
+        offset = ops.sum(ops.where(earlier, totals, ops.zeros_like(totals)), axis=0)
+        before = (initial + offset)[:, None] + exclusive_cumsum(local)
+        return (before,), (initial + ops.sum(totals, axis=0),)
+
+    (before,), (final,) = _sequence_map(per_shard, (updates,), (state0,), sequence)
+    return before, final
+
+
+def sharded_affine_states(states_fn, inputs, value, memory0, sequence):
+    """Memory states of an update that is affine in the memory, axis 1 split over
+    `sequence`.
+
+    `states_fn(inputs, value, memory0) -> (before (b, n, h, dk, dv), final (b, h, dk, dv))`
+    is the one-device recurrence (e.g. `delta_memory_states`), with `inputs` a tuple of
+    `(b, n, ...)` tensors and `value` `(b, n, h, S, dv)`. Every shard runs it once on the
+    augmented memory `[A | B]` `(b, h, dk, dk + dv)` with values `[0 | V]`: starting from
+    `[I | 0]` it yields, before each of its segments, the map `M -> A M + B` of its
+    segments so far (the first shard starts from `[0 | memory0]`, so its states are the
+    one-device states exactly). The shards' final maps are all-gathered and composed into
+    each shard's incoming memory `M_in`; its states are `A M_in + B`.
+    """
+    dim_key = memory0.shape[-2]
+
+    def per_shard(index, shards, gather, sharded, replicated):
+        *local_inputs, local_value = sharded
+        (initial,) = replicated
+        first = index == 0
+        eye = ops.broadcast_to(
+            ops.eye(dim_key, dtype="float32"), tuple(initial.shape[:-2]) + (dim_key, dim_key)
+        )
+        start = ops.concatenate(
+            [ops.where(first, ops.zeros_like(eye), eye),
+             ops.where(first, initial, ops.zeros_like(initial))],
+            axis=-1,
+        )
+        zeros = ops.zeros(tuple(local_value.shape[:-1]) + (dim_key,), dtype="float32")
+        augmented_value = ops.concatenate([zeros, local_value], axis=-1)
+        before, final = states_fn(tuple(local_inputs), augmented_value, start)
+        maps = gather(final)  # (shards, b, h, dk, dk + dv)
+        incoming = ops.zeros_like(initial)
+        composed = ops.zeros_like(initial)
+        for j in range(shards):  # the first shard's map is constant (A = 0)
+            composed = ops.matmul(maps[j][..., :dim_key], composed) + maps[j][..., dim_key:]
+            incoming = ops.where(j < index, composed, incoming)
+        states = ops.matmul(before[..., :dim_key], incoming[:, None]) + before[..., dim_key:]
+        return (states,), (composed,)
+
+    (before,), (final,) = _sequence_map(
+        per_shard, tuple(inputs) + (value,), (memory0,), sequence
+    )
+    return before, final

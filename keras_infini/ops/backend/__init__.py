@@ -14,6 +14,10 @@ Each function here tries the fast path of the active Keras backend and raises
   `ops.dot_product_attention` (True on torch, where it runs PyTorch's SDPA kernels) or its
   einsum + softmax (JAX, TensorFlow, where that measured as fast or faster on CPU).
 - `no_grad()`: a context without autograd recording (torch), else a null context.
+- `sequence_shard_map(fn, sharded, replicated, sequence)`: `fn` run once per sequence
+  shard of a `keras_infini.distribution.SequenceSharding` (JAX: `shard_map` over the
+  mesh's `seq_dim`, manual on that axis only, with `all_gather` for the summaries); the
+  math and the one-shard fallback are in `keras_infini.ops.memory`.
 - `compile_inference(fn, variables)`: `fn` compiled once per input shape for inference:
   `jax.jit` over the variables' current values (stateless), `tf.function`, or `fn` under
   `no_grad()` on torch.
@@ -49,6 +53,17 @@ def prefers_fused_attention():
     implementation); keep the einsum path there.
     """
     return keras_backend.backend() == "torch"
+
+
+def sequence_shard_map(fn, sharded, replicated, sequence):
+    """`fn(index, shards, gather, sharded, replicated)` once per shard of the sequence
+    axis (axis 1 of every `sharded` tensor; `replicated` are whole on every shard);
+    returns `(sharded_outputs, replicated_outputs)`. `NotImplementedError` if the backend
+    has no fast path."""
+    module = _module()
+    if module is None or not hasattr(module, "sequence_shard_map"):
+        raise NotImplementedError
+    return module.sequence_shard_map(fn, sharded, replicated, sequence)
 
 
 def no_grad():
