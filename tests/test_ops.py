@@ -219,3 +219,49 @@ def test_local_attention_rejects_unknown_implementation():
     x = keras.ops.zeros((1, 1, 1, 2, 2))
     with pytest.raises(ValueError, match="implementation"):
         attention_ops.local_attention(x, x, x, None, True, implementation="flash")
+
+
+@pytest.mark.parametrize("general", [False, True])
+def test_delta_states_eager_calls_trace_the_scan_once(monkeypatch, general):
+    """Eager calls of the delta update give the float64 recurrence; on JAX the scan body
+    is traced once per shape (a compiled function), not again at every call."""
+    from keras_infini.ops import memory as memory_ops
+
+    step_name = "_delta_step_general" if general else "_delta_step"
+    original = getattr(memory_ops, step_name)
+    traces = []
+
+    def counting(*args):
+        traces.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(memory_ops, step_name, counting)
+    rng = np.random.default_rng(3)
+    b, n, h, s, dk, dv = 1, 5, 2, 3, 7, 2  # shapes used by no other test (fresh compile)
+    sk = rng.uniform(0.1, 1.0, (b, n, h, s, dk))
+    v = rng.standard_normal((b, n, h, s, dv))
+    m0 = rng.standard_normal((b, h, dk, dv)) * 0.1
+    z0 = rng.uniform(0.5, 1.0, (b, h, dk))
+    z_before = z0[:, None] + np.concatenate(
+        [np.zeros_like(sk[:, :1, :, 0]), np.cumsum(sk.sum(3), 1)[:, :-1]], 1)
+    expected, m = [], m0
+    for i in range(n):  # the delta rule, float64
+        den = np.einsum("bhsk,bhk->bhs", sk[:, i], z_before[:, i]) + 1e-6
+        expected.append(m)
+        m = m + np.einsum("bhsk,bhsv->bhkv", sk[:, i], v[:, i] - sk[:, i] @ m / den[..., None])
+    args = [keras.ops.convert_to_tensor(t.astype("float32")) for t in (sk, v, z_before, m0)]
+
+    def run():
+        if general:
+            return memory_ops.delta_memory_states_general(args[0], args[0], *args[1:])
+        return memory_ops.delta_memory_states(*args)
+
+    for call in range(3):
+        before, final = run()
+        np.testing.assert_allclose(to_numpy(before), np.stack(expected, 1), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(to_numpy(final), m, rtol=1e-4, atol=1e-5)
+        if call == 0:
+            first = len(traces)
+    assert first > 0
+    if keras.backend.backend() == "jax":
+        assert len(traces) == first, "eager JAX calls retraced the scan body"

@@ -113,6 +113,9 @@ def delta_memory_states_scan(sigma_k, value, norm_before, memory0):
     return ops.moveaxis(before, 0, 1), final
 
 
+delta_memory_states_scan = fast.compiled_when_eager(delta_memory_states_scan)
+
+
 def delta_memory_states_associative(sigma_k, value, norm_before, memory0):
     """Delta-rule memory states with a parallel (Hillis-Steele) scan over segments.
 
@@ -263,6 +266,10 @@ def delta_memory_states_general(read_k, write_k, value, norm_before, memory0,
             ),
             (read_k, write_k, norm_before), value, memory0, sequence,
         )
+    return _delta_states_general_scan(read_k, write_k, value, norm_before, memory0, normalised)
+
+
+def _delta_states_general_scan(read_k, write_k, value, norm_before, memory0, normalised):
     dim_key = read_k.shape[-1]
     keys = ops.concatenate([read_k, write_k], axis=-1)  # one stacked tensor per segment
 
@@ -280,6 +287,11 @@ def delta_memory_states_general(read_k, write_k, value, norm_before, memory0,
     xs = {"keys": keys, "value": value, "norm": norm_before}
     final, before = loops.scan(scan_step, memory0, xs, axis=1)
     return before, final
+
+
+_delta_states_general_scan = fast.compiled_when_eager(
+    _delta_states_general_scan, static_argnames=("normalised",)
+)
 
 
 def retrieve_unnormalised(phi_q, memory_before):

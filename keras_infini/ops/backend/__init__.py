@@ -13,6 +13,8 @@ Each function here tries the fast path of the active Keras backend and raises
 - `prefers_fused_attention()`: whether `ops.attention.local_attention` uses Keras'
   `ops.dot_product_attention` (True on torch, where it runs PyTorch's SDPA kernels) or its
   einsum + softmax (JAX, TensorFlow, where that measured as fast or faster on CPU).
+- `compiled_when_eager(fn)`: `fn` jitted once for eager JAX calls (a `lax.scan` called
+  eagerly retraces its body every time); `fn` elsewhere.
 - `no_grad()`: a context without autograd recording (torch), else a null context.
 - `sequence_shard_map(fn, sharded, replicated, sequence)`: `fn` run once per sequence
   shard of a `keras_infini.distribution.SequenceSharding` (JAX: `shard_map` over the
@@ -42,6 +44,20 @@ def scan(f, init, xs, axis=0):
     if module is None or not hasattr(module, "scan"):
         raise NotImplementedError
     return module.scan(f, init, xs, axis=axis)
+
+
+def compiled_when_eager(fn, static_argnames=()):
+    """`fn` (a pure function of tensors), compiled once per shape when called eagerly.
+
+    JAX: called outside any trace, `lax.scan` traces its body again at every call (a new
+    closure each time); the returned function runs a module-level `jax.jit` of `fn`
+    instead (cached per shape and static argument), and calls `fn` directly inside a
+    trace. Other backends: `fn` itself.
+    """
+    module = _module()
+    if module is None or not hasattr(module, "compiled_when_eager"):
+        return fn
+    return module.compiled_when_eager(fn, static_argnames)
 
 
 def prefers_fused_attention():

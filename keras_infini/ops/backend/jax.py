@@ -19,6 +19,19 @@ def compile_inference(fn, variables):
     return run
 
 
+def compiled_when_eager(fn, static_argnames):
+    """`jax.jit(fn)` for calls outside a trace, `fn` itself inside one (see the package)."""
+    jitted = jax.jit(fn, static_argnames=static_argnames)
+
+    def run(*args, **kwargs):
+        leaves = jax.tree_util.tree_leaves((args, kwargs))
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+            return fn(*args, **kwargs)
+        return jitted(*args, **kwargs)
+
+    return run
+
+
 def sequence_shard_map(fn, sharded, replicated, sequence):
     """`fn` per shard of `sequence.seq_dim` through `jax.shard_map`, manual over that
     mesh axis only: the batch and model axes stay automatic (XLA's partitioner keeps
