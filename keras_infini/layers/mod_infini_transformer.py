@@ -106,14 +106,16 @@ class MoDInfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.L
             as in `InfiniTransformer`.
         sampling_factor: number in `(1, segment_len)`: a segment keeps
             `ceil(segment_len / sampling_factor)` tokens.
-        update, causal, positional_embedder, init_state_learnable, dropout,
-        normalize_first, layer_norm_epsilon, return_state: as in `InfiniTransformer`.
+        return_state: as in `InfiniTransformer`.
         router_loss_weight: non-negative weight of the router loss.
         kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer,
             kernel_constraint, bias_constraint: for every projection of the block and the
             router (see `InfiniTransformer`).
-        memory_feature_map, write_strength, gate_init, gate_lr_scale: memory options of
-            the attention, see `CompressiveMemory`.
+        update, causal, positional_embedder, init_state_learnable, dropout,
+        normalize_first, layer_norm_epsilon, memory_feature_map, write_strength,
+            gate_init, gate_lr_scale: keyword arguments (`BLOCK_OPTIONS`) handed to the
+            inner `InfiniTransformer` unchanged, with its defaults and checks (the
+            positional embedder is built for the full `segment_len`).
         return_router_outputs: also return `selection` (float 0/1, the routing used) and
             `logits`, both `(batch * seq_len, 1)`.
         **kwargs: standard `keras.layers.Layer` arguments.
