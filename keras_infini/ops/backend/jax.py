@@ -17,3 +17,7 @@ def compile_inference(fn, variables):
         return jitted([variable.value for variable in variables], *args)
 
     return run
+
+
+def is_traced(x):
+    return isinstance(x, jax.core.Tracer)
