@@ -133,6 +133,9 @@ class InfiniBackbone(Backbone):
         self.layer_norm = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=dtype, name="final_norm"
         )
+        # The padding mask reaches the blocks explicitly; the hidden states carry no Keras
+        # mask (the CausalLM's reverse embedding takes none and would warn).
+        self.layer_norm.compute_mask = lambda inputs, mask=None: None
 
         # === Functional model ===
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
