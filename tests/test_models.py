@@ -151,3 +151,16 @@ def test_refusals(lm):
         model.generate({"token_ids": ids, "padding_mask": ids > 0}, stop_token_ids=None)
     with pytest.raises(ValueError, match="mod_every"):
         backbone(mod_every=-1)
+
+
+def test_bench_generate_runs_one_tiny_configuration(capsys):
+    import importlib.util
+
+    path = os.path.join(ROOT, "benchmarks", "bench_generate.py")
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--model", "infini", "--prompt", "9", "--new", "4", "--layers", "2",
+                         "--dim", "16", "--heads", "2", "--segment-len", "4", "--header"])
+    assert result["total"] > 0 and result["per_token"] > 0
+    assert "| infini | 1 | 9 |" in capsys.readouterr().out
