@@ -13,7 +13,8 @@ segment, padded to `segment_len`, from the state at its start; greedy argmax on 
 `gpt2`, `keras_hub.models.GPT2CausalLM` built from a config of the same width, depth and
 heads (intermediate 256) with its KV cache.
 
-Timing: each measured call runs once before (compile / warm-up). `prefill` is the time of
+Timing: each measured call runs once before (compile / warm-up), then `--repeats` times
+(the minimum is kept). `prefill` is the time of
 a generation of 1 new token (prompt processing plus one step), `generate` the time of
 `--new` new tokens, and new tokens/s = `(new - 1) / (generate - prefill)`. Prints one
 markdown table row (`--header` first prints the header).
@@ -43,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--segment-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs of each measurement (the minimum is kept)")
     p.add_argument("--header", action="store_true", help="print the table header first")
     return p.parse_args(argv)
 
@@ -53,17 +56,32 @@ def blocks_config(args):
                 segment_len=args.segment_len, mod_every=2)
 
 
+REPEATS = 3
+
+
+def best_of(fn):
+    """Minimum wall time of `REPEATS` calls of `fn` (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def hub_generate(lm, prompt, new):
-    """`(seconds, token_ids)` of `lm.generate` on right-padded token ids, greedy."""
+    """Seconds of `lm.generate` on right-padded token ids (greedy), best of REPEATS."""
     batch, length = prompt.shape
     ids = np.concatenate([prompt, np.zeros((batch, new), "int32")], axis=1)
     mask = np.arange(length + new)[None] < length
     inputs = {"token_ids": ids, "padding_mask": np.repeat(mask, batch, 0)}
-    lm.generate(inputs, stop_token_ids=None)  # compile / warm up
-    start = time.perf_counter()
-    out = lm.generate(inputs, stop_token_ids=None)
-    keras.ops.convert_to_numpy(out["token_ids"])
-    return time.perf_counter() - start
+
+    def run():
+        out = lm.generate(inputs, stop_token_ids=None)
+        keras.ops.convert_to_numpy(out["token_ids"])
+
+    return best_of(run)
 
 
 def run_infini(args, prompt):
@@ -126,13 +144,7 @@ def run_legacy(args, prompt):
             else:
                 pending = np.concatenate([pending, token], axis=1)
 
-    def timed(new):
-        generate(new)
-        start = time.perf_counter()
-        generate(new)
-        return time.perf_counter() - start
-
-    return timed(1), timed(args.new)
+    return best_of(lambda: generate(1)), best_of(lambda: generate(args.new))
 
 
 HEADER = ("| backend | model | batch | prompt | prefill (s) | prompt + new (s) | "
@@ -140,7 +152,9 @@ HEADER = ("| backend | model | batch | prompt | prefill (s) | prompt + new (s) |
 
 
 def main(argv=None):
+    global REPEATS
     args = parse_args(argv)
+    REPEATS = max(1, args.repeats)
     keras.utils.set_random_seed(0)
     prompt = np.random.default_rng(0).integers(0, 256, size=(args.batch, args.prompt))
     prompt = prompt.astype("int32")

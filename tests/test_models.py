@@ -161,6 +161,7 @@ def test_bench_generate_runs_one_tiny_configuration(capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     result = bench.main(["--model", "infini", "--prompt", "9", "--new", "4", "--layers", "2",
-                         "--dim", "16", "--heads", "2", "--segment-len", "4", "--header"])
+                         "--dim", "16", "--heads", "2", "--segment-len", "4", "--header",
+                         "--repeats", "1"])
     assert result["total"] > 0 and result["per_token"] > 0
     assert "| infini | 1 | 9 |" in capsys.readouterr().out
