@@ -4,9 +4,10 @@ A causal next-byte model trained with `model.fit` on Python's own standard libra
 at run time from the running interpreter; no download), or on any text files with
 `--data`:
 
+    InfiniCausalLM (keras-hub CausalLM) on an InfiniBackbone:
     Embedding(259, dim)
     -> InfiniTransformer, MoDInfiniTransformer, InfiniTransformer, ... (alternating)
-    -> LayerNormalization -> Dense(259)
+    -> LayerNormalization -> Dense(259) (the untied reverse embedding)
 
 Bytes are tokens 0..255, plus PAD/BOS/EOS (see `examples/byte_datasets.py`). Every block
 attends exactly inside segments of `--segment-len` bytes and reads earlier segments of the
@@ -18,8 +19,9 @@ The model is trained with AdamW and a warmup + cosine learning-rate schedule, va
 on held-out files every epoch, saved as `.keras`, reloaded, and evaluated: the printed
 bits-per-byte is the validation cross-entropy (nats, from `model.evaluate`, which runs MoD's
 causal inference routing and adds no router loss) divided by ln 2. Finally it samples text
-after `--prompt` with `keras_infini.streaming.generate` (memory for finished segments, only
-the current segment re-run per byte).
+after `--prompt` with keras-hub's `generate` (top-k sampler), which decodes with the blocks'
+fixed-shape cache: finished segments live only in the memory state, each new byte costs one
+token of work per block. Needs keras-hub (`pip install 'keras_infini[hub]'`).
 
 `--no-memory` pins every block's memory gate to sigmoid(-30) ~ 0 (not trainable): local
 attention inside segments only, the baseline for what the memory adds.
@@ -51,10 +53,14 @@ import keras  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import byte_datasets as datasets  # noqa: E402  (examples/byte_datasets.py)
 
+import keras_hub  # noqa: E402
+
 from keras_infini import InfiniTransformer  # noqa: E402
 from keras_infini import MoDInfiniTransformer  # noqa: E402
-from keras_infini import YaRNEmbeddings  # noqa: E402
-from keras_infini.streaming import generate  # noqa: E402
+from keras_infini.models import InfiniBackbone  # noqa: E402
+from keras_infini.models import InfiniByteTokenizer  # noqa: E402
+from keras_infini.models import InfiniCausalLM  # noqa: E402
+from keras_infini.models import InfiniCausalLMPreprocessor  # noqa: E402
 
 NO_MEMORY_GATE = -30.0
 
@@ -76,55 +82,67 @@ def load_corpus(args):
 
 
 # ----------------------------------------------------------------------------- model
-def positional_embedder(args):
-    if not args.yarn:
-        return "rope"
-    # Positions are segment-local (0..segment_len-1); YaRN interpolates the low RoPE
-    # frequencies as for a context `--yarn-scale` times longer and rescales attention.
-    return YaRNEmbeddings(
-        dim=args.dim // args.heads,
-        seq_len=args.segment_len,
-        context_len=args.segment_len,
-        context_len_ext=args.yarn_scale * args.segment_len,
-    )
+class CausalLMData(keras.utils.PyDataset):
+    """A `ByteLMDataset` as `InfiniCausalLM` inputs: `({"token_ids", "padding_mask"}, y)`."""
+
+    def __init__(self, windows):
+        super().__init__()
+        self.windows = windows
+
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, index):
+        x, y = self.windows[index]
+        return {"token_ids": x, "padding_mask": np.ones_like(x)}, y
+
+    def on_epoch_end(self):
+        self.windows.on_epoch_end()
 
 
 def build_model(args):
-    """Embedding -> alternating InfiniTransformer / MoDInfiniTransformer -> Dense(vocab)."""
-    dim, heads = args.dim, args.heads
-    common = dict(
-        dim_input=dim,
-        dim_hidden=2 * dim,
-        dim_key=dim // heads,
-        dim_value=dim // heads,
-        num_heads=heads,
-        activation=args.activation,
+    """InfiniCausalLM: Embedding -> alternating InfiniTransformer / MoDInfiniTransformer
+    (every second block MoD) -> LayerNormalization -> Dense(vocab); byte preprocessor."""
+    backbone = InfiniBackbone(
+        vocabulary_size=datasets.VOCAB_SIZE,
+        num_layers=args.layers,
+        hidden_dim=args.dim,
+        intermediate_dim=2 * args.dim,
+        num_heads=args.heads,
         segment_len=args.segment_len,
+        activation=args.activation,
         update=args.update,
-        causal=True,
+        # Positions are segment-local (0..segment_len-1); YaRN interpolates the low RoPE
+        # frequencies as for a context `--yarn-scale` times longer and rescales attention.
+        positional_embedder="yarn" if args.yarn else "rope",
+        yarn_scale=args.yarn_scale,
+        mod_every=2,
+        sampling_factor=args.sampling_factor,
+        router_loss_weight=args.router_loss_weight,
+        name="modinfiniformer_backbone",
     )
-    tokens = keras.Input((None,), dtype="int32", name="tokens")
-    x = keras.layers.Embedding(datasets.VOCAB_SIZE, dim, name="embedding")(tokens)
-    for i in range(args.layers):
-        if i % 2 == 1:
-            block = MoDInfiniTransformer(
-                sampling_factor=args.sampling_factor,
-                positional_embedder=positional_embedder(args),
-                router_loss_weight=args.router_loss_weight,
-                name=f"mod_block_{i}",
-                **common,
-            )
-        else:
-            block = InfiniTransformer(
-                positional_embedder=positional_embedder(args), name=f"block_{i}", **common
-            )
-        x = block(x)
-    x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")(x)
-    logits = keras.layers.Dense(datasets.VOCAB_SIZE, name="logits")(x)
-    return keras.Model(tokens, logits, name="modinfiniformer")
+    preprocessor = InfiniCausalLMPreprocessor(
+        InfiniByteTokenizer(), sequence_length=args.seq_len
+    )
+    return InfiniCausalLM(backbone, preprocessor, name="modinfiniformer")
+
+
+def keras_fit(model, *args, **kwargs):
+    """`keras.Model.fit` on the InfiniCausalLM. keras-hub 0.32's `Task.fit` turns its
+    input into a `tf.data` / grain dataset and does not take a `keras.utils.PyDataset`;
+    the data here is already tokenized (no preprocessor attached), so Keras' own `fit`
+    trains the same model on the same batches."""
+    return keras.Model.fit(model, *args, **kwargs)
+
+
+def keras_evaluate(model, *args, **kwargs):
+    """`keras.Model.evaluate` (see `keras_fit`)."""
+    return keras.Model.evaluate(model, *args, **kwargs)
 
 
 def blocks_of(model):
+    if hasattr(model, "backbone"):
+        return list(model.backbone.transformer_layers)
     blocks = (InfiniTransformer, MoDInfiniTransformer)
     return [layer for layer in model.layers if isinstance(layer, blocks)]
 
@@ -172,7 +190,11 @@ def compile_model(model, args, schedule=None):
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
+        weighted_metrics=[],
         jit_compile=jit,
+        sampler=keras_hub.samplers.TopKSampler(
+            k=args.top_k, temperature=args.temperature, seed=args.seed
+        ),
     )
 
 
@@ -262,19 +284,23 @@ def main(argv=None):
 
     train_docs, val_docs = load_corpus(args)
     steps_per_epoch = args.steps // args.epochs
-    train = datasets.ByteLMDataset(train_docs, args.seq_len, args.batch_size,
-                                   steps_per_epoch, seed=args.seed)
-    val = datasets.ByteLMDataset(val_docs, args.seq_len, args.batch_size,
-                                 args.val_batches, shuffle=False)
-    final_val = datasets.ByteLMDataset(val_docs, args.seq_len, args.batch_size,
-                                       args.eval_batches, shuffle=False)
+    train = CausalLMData(datasets.ByteLMDataset(train_docs, args.seq_len, args.batch_size,
+                                                steps_per_epoch, seed=args.seed))
+    val = CausalLMData(datasets.ByteLMDataset(val_docs, args.seq_len, args.batch_size,
+                                              args.val_batches, shuffle=False))
+    final_val = CausalLMData(datasets.ByteLMDataset(val_docs, args.seq_len,
+                                                    args.batch_size, args.eval_batches,
+                                                    shuffle=False))
     print(f"backend={backend} data={args.data or 'python stdlib ' + datasets.stdlib_dir()}")
-    print(f"files: {len(train_docs)} train ({train.num_tokens:,} tokens), "
-          f"{len(val_docs)} validation ({val.num_tokens:,} tokens); "
+    print(f"files: {len(train_docs)} train ({train.windows.num_tokens:,} tokens), "
+          f"{len(val_docs)} validation ({val.windows.num_tokens:,} tokens); "
           f"windows of {args.seq_len} = {math.ceil(args.seq_len / args.segment_len)} "
           f"segments of {args.segment_len}")
 
     model = build_model(args)
+    # fit / evaluate read token windows (CausalLMData), not strings: no preprocessor then
+    # (keras-hub would map the data through it); generate uses it.
+    preprocessor, model.preprocessor = model.preprocessor, None
     if args.gate_init is not None:
         init_gates(model, args.gate_init)
     if args.no_memory:
@@ -292,7 +318,8 @@ def main(argv=None):
           f"{model.count_params():,} parameters")
 
     start = time.perf_counter()
-    history = model.fit(train, epochs=args.epochs, validation_data=val, verbose=args.verbose)
+    history = keras_fit(model, train, epochs=args.epochs, validation_data=val,
+                        verbose=args.verbose)
     train_s = time.perf_counter() - start
     print(f"trained {total} steps ({total * args.batch_size * args.seq_len:,} tokens) "
           f"in {train_s:.1f} s; memory gate sigmoid per block: {gate_summary(model)}")
@@ -302,8 +329,9 @@ def main(argv=None):
     # compile=False + compile: the saved compile config names the training backend's
     # optimizer class, and evaluation only needs the loss.
     reloaded = keras.models.load_model(path, compile=False)
+    reloaded.preprocessor = None
     compile_model(reloaded, args)
-    probe = val[0][0][:1]
+    probe = {name: t[:1] for name, t in val[0][0].items()}
     diff = float(np.max(np.abs(
         keras.ops.convert_to_numpy(model(probe)) - keras.ops.convert_to_numpy(reloaded(probe))
     )))
@@ -311,7 +339,7 @@ def main(argv=None):
           f"difference| {diff:.2e}")
 
     start = time.perf_counter()
-    results = reloaded.evaluate(final_val, verbose=0, return_dict=True)
+    results = keras_evaluate(reloaded, final_val, verbose=0, return_dict=True)
     eval_s = time.perf_counter() - start
     val_loss = float(results["loss"])
     bpb = val_loss / math.log(2)
@@ -322,16 +350,14 @@ def main(argv=None):
 
     text = None
     if args.generate > 0:
-        prompt = datasets.encode_document(args.prompt, eos=False)[None]
+        prompt_len = len(args.prompt.encode("utf-8")) + 1  # with the start token
         start = time.perf_counter()
-        tokens = generate(reloaded, prompt, args.generate, temperature=args.temperature,
-                          top_k=args.top_k, seed=args.seed, pad_id=datasets.PAD)[0]
+        # keras-hub's generate: the byte preprocessor, the compiled sampler loop, the
+        # blocks' decode cache; stops at the end token.
+        reloaded.preprocessor = preprocessor
+        text = reloaded.generate(args.prompt, max_length=prompt_len + args.generate)
         gen_s = time.perf_counter() - start
-        ends = np.flatnonzero(tokens[prompt.shape[1]:] == datasets.EOS)
-        if ends.size:
-            tokens = tokens[:prompt.shape[1] + ends[0]]
-        text = datasets.decode(tokens)
-        print(f"--- generated {args.generate} bytes in {gen_s:.1f} s "
+        print(f"--- generated up to {args.generate} bytes in {gen_s:.1f} s "
               f"(temperature {args.temperature:g}, top-k {args.top_k}) ---")
         print(text)
         print("---")

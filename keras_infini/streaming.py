@@ -227,58 +227,63 @@ def generate(model, prompt, steps, temperature=1.0, top_k=None, seed=None, pad_i
              compiled=True):
     """Samples `steps` tokens after `prompt` from a causal token model (tokens -> logits).
 
-    Uses the model's compressive memory the way Infini-attention intends: finished segments
-    live only in each layer's `(memory, norm)` state, and each new token re-runs just the
-    current, unfinished segment (at most `segment_len` tokens) from the state at its start.
-    The cost per token is therefore bounded by the segment length, not the prefix length.
-
-    The current segment is padded with `pad_id` to `segment_len`, so every step has the
-    same shape and is traced once (`compile_step`); the model must be causal (causal
-    attention; MoD blocks route causally at inference), so padding after the last real
-    token cannot change its logits, and the state of a padded run is never kept (a
-    segment's state is committed only once the segment is full). Without padding each new
-    length would recompile every op on JAX (seconds per token on 2 CPU cores).
+    A thin wrapper over the layers' decode cache (`build_cache`, `call(cache=...)`) and
+    keras-hub's samplers, the path of `keras_infini.models.InfiniCausalLM.generate`: the
+    prompt is prefilled segment-parallel, then each new token runs once through every
+    layer against the fixed-shape cache (finished segments live only in the
+    `(memory, norm)` state), so a token costs `O(segment_len)` whatever the prompt length.
+    For string prompts, presets and any keras-hub sampler, use `InfiniCausalLM`. Needs
+    keras-hub (`pip install 'keras_infini[hub]'`).
 
     Args:
         model: a chain-shaped model mapping `(batch, seq)` int tokens to
-            `(batch, seq, vocab)` logits, built from causal layers.
+            `(batch, seq, vocab)` logits, built from causal layers (per-token layers such
+            as `Embedding`, `Dense`, `LayerNormalization` between the keras_infini
+            blocks). Keras masks (`Embedding(mask_zero=True)`) are not applied while
+            generating: every token is real.
         prompt: int array `(batch, prompt_len)`, `prompt_len >= 1`.
         steps: number of tokens to generate.
-        temperature: softmax temperature; `0` picks the most likely token.
-        top_k: optional: sample only among the `top_k` most likely tokens.
-        seed: optional int seed of the NumPy sampler.
-        pad_id: token id that fills the unfinished segment (any id works for a causal
-            model; use the padding id of your vocabulary).
-        compiled: `False` runs the layers eagerly on the unpadded segment instead
-            (slower, for debugging).
+        temperature: softmax temperature; `0` picks the most likely token
+            (`keras_hub.samplers.GreedySampler`).
+        top_k: optional: sample only among the `top_k` most likely tokens (`TopKSampler`;
+            otherwise `RandomSampler`).
+        seed: optional int seed of the sampler.
+        pad_id: id of the positions still to generate (any id in the vocabulary).
+        compiled: compile the whole generation once (`jax.jit` / `tf.function`; eager
+            under `torch.no_grad()` on PyTorch). `False` runs eagerly, for debugging.
 
     Returns:
         int32 NumPy array `(batch, prompt_len + steps)`.
     """
     import numpy as np
+    from keras import ops
 
     prompt = np.asarray(prompt, dtype="int32")
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(
             f"Invalid prompt with shape {prompt.shape}: expected (batch, prompt_len >= 1)."
         )
-    if temperature < 0:
+    if isinstance(temperature, bool) or not temperature >= 0:
         raise ValueError(f"Invalid temperature={temperature!r}: expected a number >= 0.")
     if top_k is not None and (int(top_k) != top_k or top_k < 1):
         raise ValueError(f"Invalid top_k={top_k!r}: expected None or an integer >= 1.")
     if int(steps) != steps or steps < 0:
         raise ValueError(f"Invalid steps={steps!r}: expected an integer >= 0.")
-    rng = np.random.default_rng(seed)
-    streamer = Streamer(model)
-    non_causal = [layer.name for layer in streamer.layers
-                  if _is_stateful(layer) and not layer.causal]
+    layers = _chain_layers(model)
+    stateful = [layer for layer in layers if _is_stateful(layer)]
+    if not stateful:
+        raise ValueError(
+            "Invalid model: it contains no CompressiveMemory, InfiniTransformer or "
+            "MoDInfiniTransformer layer."
+        )
+    non_causal = [layer.name for layer in stateful if not layer.causal]
     if non_causal:
         raise ValueError(
             f"Invalid model: generate needs causal layers, but {non_causal} have "
-            "causal=False (the padded segment would be visible to them). Build the model "
-            "with causal=True."
+            "causal=False (a token would see later tokens). Build the model with "
+            "causal=True."
         )
-    embedding = next((layer for layer in streamer.layers
+    embedding = next((layer for layer in layers
                       if isinstance(layer, keras.layers.Embedding)), None)
     if embedding is not None:
         vocab_in = embedding.input_dim
@@ -302,51 +307,68 @@ def generate(model, prompt, steps, temperature=1.0, top_k=None, seed=None, pad_i
         raise ValueError(
             f"Invalid top_k={top_k!r}: expected at most the vocabulary size {vocab_out}."
         )
-    seg = streamer.segment_len
-    batch = prompt.shape[0]
-    step = compile_step(streamer) if compiled else _eager_step(streamer)
+    sampler = _sampler(temperature, top_k, seed)
+    batch, prompt_len = prompt.shape
+    if steps == 0:
+        return prompt
 
-    # Commit every whole segment of the prompt but keep >= 1 token pending for the logits.
-    committed = ((prompt.shape[1] - 1) // seg) * seg
-    states = None
-    for start in range(0, committed, seg):
-        _, states = step(prompt[:, start:start + seg], states)
-    pending = prompt[:, committed:]
-    generated = [prompt]
-    for _ in range(int(steps)):
-        length = pending.shape[1]
-        if compiled:
-            chunk = np.full((batch, seg), pad_id, dtype="int32")
-            chunk[:, :length] = pending
-        else:
-            chunk = pending
-        logits, new_states = step(chunk, states)
-        last = np.asarray(
-            keras.ops.convert_to_numpy(logits[:, length - 1]), dtype="float64"
-        )
-        token = _sample(last, temperature, top_k, rng)
-        generated.append(token[:, None])
-        if length == seg:  # the segment is finished (unpadded): keep only its state
-            states, pending = new_states, token[:, None]
-        else:
-            pending = np.concatenate([pending, token[:, None]], axis=1)
-    return np.concatenate(generated, axis=1)
+    def forward(tokens, caches, index):
+        x, updated, i = tokens, [], 0
+        for layer in layers:
+            if _is_stateful(layer):
+                x, cache = layer(x, cache=caches[i], cache_update_index=index)
+                updated.append(cache)
+                i += 1
+            else:
+                x = layer(x)
+        return x, updated
+
+    def run(token_ids, padding_mask):
+        caches = [layer.build_cache(batch) for layer in stateful]
+        if prompt_len > 1:  # all but the last prompt token; the loop runs the last one
+            _, caches = forward(token_ids[:, :prompt_len - 1], caches, 0)
+
+        def next(tokens, caches, index):
+            token = ops.slice(tokens, [0, index - 1], [batch, 1])
+            logits, caches = forward(token, caches, index - 1)
+            return logits[:, 0], None, caches
+
+        return sampler(next=next, prompt=token_ids, cache=caches, index=prompt_len,
+                       mask=padding_mask)
+
+    token_ids = np.concatenate(
+        [prompt, np.full((batch, int(steps)), pad_id, dtype="int32")], axis=1
+    )
+    padding_mask = np.arange(token_ids.shape[1])[None] < prompt_len
+    padding_mask = np.broadcast_to(padding_mask, token_ids.shape)
+    variables = [v for layer in layers for v in layer.variables]
+    if compiled:
+        step = fast_paths.compile_inference(run, variables)
+    else:
+        step = _eager_run(run)
+    out = step(ops.convert_to_tensor(token_ids), ops.convert_to_tensor(padding_mask))
+    return np.asarray(keras.ops.convert_to_numpy(out), dtype="int32")
 
 
-def _sample(logits, temperature, top_k, rng):
-    import numpy as np
+def _eager_run(fn):
+    def run(*args):
+        with fast_paths.no_grad():
+            return fn(*args)
 
-    if top_k is not None and top_k > logits.shape[-1]:
-        raise ValueError(
-            f"Invalid top_k={top_k!r}: expected at most the vocabulary size "
-            f"{logits.shape[-1]}."
-        )
+    return run
+
+
+def _sampler(temperature, top_k, seed):
+    """The keras-hub sampler for `generate`'s arguments (one sampler implementation)."""
+    try:
+        from keras_hub import samplers
+    except ImportError as error:
+        raise ImportError(
+            "keras_infini.streaming.generate samples with keras-hub's samplers: install "
+            "the extra with `pip install 'keras_infini[hub]'`."
+        ) from error
     if temperature == 0:
-        return logits.argmax(-1).astype("int32")
-    logits = logits / temperature
+        return samplers.GreedySampler()
     if top_k is not None:
-        cutoff = np.sort(logits, axis=-1)[:, -top_k][:, None]
-        logits = np.where(logits < cutoff, -np.inf, logits)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    return np.array([rng.choice(len(p), p=p) for p in probs], dtype="int32")
+        return samplers.TopKSampler(k=int(top_k), seed=seed, temperature=temperature)
+    return samplers.RandomSampler(seed=seed, temperature=temperature)

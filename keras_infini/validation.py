@@ -150,3 +150,89 @@ def gate_init(value, num_heads):
             raise ValueError(f"Invalid gate_init={value!r}: expected {allowed}.")
         return [float(real("gate_init", v, allowed=allowed)) for v in value]
     return float(real("gate_init", value, allowed=allowed))
+
+
+# ---------------------------------------------------------------------- decode caches
+def cache(value, expected, owner, batch):
+    """A decode cache with exactly the structure and static shapes of `expected`.
+
+    `expected` is what `owner.build_cache(batch)` would return, as a dict of name ->
+    shape tuple (nested dicts for sublayers); `owner` names the layer in the message.
+    A cache built for another layer (other widths, heads, segment length, structure) or
+    another batch size is refused by name.
+    """
+
+    def fail(detail):
+        raise ValueError(
+            f"Invalid cache for layer {owner!r}: {detail}. A cache works only with the "
+            f"layer and batch size it was built for: use {owner}.build_cache("
+            f"batch_size={batch}) for inputs of batch {batch}."
+        )
+
+    def check(got, exp, path):
+        if isinstance(exp, dict):
+            if not isinstance(got, dict) or set(got) != set(exp):
+                keys = sorted(got) if isinstance(got, dict) else type(got).__name__
+                fail(f"{'/'.join(path) or 'the cache'} has entries {keys}, expected "
+                     f"{sorted(exp)}")
+            for key in exp:
+                check(got[key], exp[key], path + (key,))
+            return
+        shape = _shape(got) if hasattr(got, "shape") else None
+        if shape is None or len(shape) != len(exp) or not all(
+            _dims_match(g, e) for g, e in zip(shape, exp)
+        ):
+            fail(f"{'/'.join(path)} has shape {shape}, expected {tuple(exp)}")
+
+    check(value, expected, ())
+    return value
+
+
+def cache_update_index(value, num_tokens):
+    """The position of the first new token of a cached call: an int >= 0, or a scalar
+    integer tensor (then for one new token only: the layout of several tokens depends on
+    the position within the segment, which must be known when the call is traced)."""
+    allowed = ("an int >= 0 (the number of tokens already in the cache), or a scalar "
+               "integer tensor for a one-token call")
+    if isinstance(value, np.ndarray) and value.ndim == 0 and np.issubdtype(
+        value.dtype, np.integer
+    ):
+        value = int(value)
+    if value is None or isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"Invalid cache_update_index={value!r}: expected {allowed}.")
+    if isinstance(value, numbers.Integral):
+        if value < 0:
+            raise ValueError(f"Invalid cache_update_index={value!r}: expected {allowed}.")
+        return int(value)
+    shape = getattr(value, "shape", None)
+    dtype = str(getattr(value, "dtype", ""))
+    if shape is None or len(tuple(shape)) != 0 or "int" not in dtype:
+        raise ValueError(
+            f"Invalid cache_update_index with shape {shape} and dtype {dtype or None}: "
+            f"expected {allowed}."
+        )
+    if num_tokens != 1:
+        raise ValueError(
+            f"Invalid cache_update_index: a tensor is accepted for one new token only, got "
+            f"{num_tokens} tokens; pass a Python int for several (a prompt), or call one "
+            "token at a time."
+        )
+    return value
+
+
+def cache_position(index, lengths, takes_token):
+    """Eager check: every row that takes a new token holds exactly `index` tokens.
+
+    `lengths` (int array `(batch,)`) is the cache's token count per row, `takes_token`
+    (bool array) which rows consume the first new token. A recurrent cache continues
+    where it stopped: the memory cannot be rewound or skip positions.
+    """
+    index = int(index)
+    wrong = [int(n) for n, take in zip(lengths, takes_token) if take and int(n) != index]
+    if wrong:
+        raise ValueError(
+            f"Invalid cache_update_index={index}: outside the cache, which holds "
+            f"{sorted(set(int(n) for n in lengths))} tokens per row. A recurrent cache can "
+            "only continue where it stopped: cache_update_index must equal the number of "
+            "tokens already in the cache (for every row that takes the new token)."
+        )

@@ -10,6 +10,8 @@ if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv || exit 1
 fi
 .venv/bin/pip install -q -r requirements-test.txt -e . || exit 1
+# keras-hub without its dependencies (see requirements-test.txt): keeps one TensorFlow.
+.venv/bin/pip install -q --no-deps "keras-hub==0.32.0" || exit 1
 status=0
 # XLA (JAX, and TensorFlow's jit_compile) compiles every op at its lowest LLVM optimisation
 # level: the suite's time is mostly compilation of small programs, ~20% less on JAX. The

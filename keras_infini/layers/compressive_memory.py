@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_infini.layers._cache import CachedCallMixin
+from keras_infini.layers import _cache
 from keras_infini.layers._outputs import StatefulOutputsMixin
 from keras_infini.layers._weights import WeightArgsMixin
 from keras_infini.ops import backend as fast_paths
@@ -15,6 +17,13 @@ from keras_infini import distribution
 from keras_infini import validation
 
 UPDATES = ("linear", "delta")
+
+
+def _fold_now(position, segment_len):
+    """Whether the token at in-segment `position` (int or tensor) ends its segment."""
+    if isinstance(position, int):
+        return position == segment_len - 1
+    return position == segment_len - 1
 
 
 def resolve_positional_embedder(positional_embedder, dim_key, segment_len):
@@ -50,7 +59,8 @@ def resolve_positional_embedder(positional_embedder, dim_key, segment_len):
 
 
 @keras.saving.register_keras_serializable(package="keras_infini")
-class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Layer):
+class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
+                        keras.layers.Layer):
     """Infini-attention: local softmax attention plus a compressive memory across segments.
 
     The input is split into segments of `segment_len` tokens. Inside a segment every
@@ -145,9 +155,24 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
             norm (batch, heads, dim_key))`, overriding the default initial state.
         training: unused (no dropout), accepted for Keras compatibility.
         return_state: optional per-call override of the constructor's `return_state`.
+        cache: optional decode cache from `build_cache(batch_size)` (causal layers only):
+            the call processes `inputs` as new tokens after those already in the cache and
+            returns `(outputs, new_cache)`, equal to one full call on the whole sequence.
+            Whole segments of a long input run segment-parallel (the normal path) and the
+            unfinished last segment goes into the cache; a one-token call costs
+            `O(segment_len)`, whatever the number of tokens before it. Fixed shapes:
+            `jax.jit` / `tf.function` compile one step for every position. `mask` then
+            marks the tokens each row takes: its prefix up to the first False (a
+            right-padded prompt, or rows that skip a one-token step); the other rows keep
+            their cache. Not combined with `positions`, `initial_state`, `return_state`.
+        cache_update_index: with `cache`: the position of the first token of `inputs`,
+            i.e. the number of tokens already in the cache (an int, or a scalar integer
+            tensor for one token; a cache continues where it stopped, and a wrong index
+            is refused when it can be read, i.e. outside `jax.jit` / `tf.function`).
 
     Returns:
-        `(batch, seq_len, dim_input)`, or `(outputs, memory, norm)` with `return_state`.
+        `(batch, seq_len, dim_input)`, or `(outputs, memory, norm)` with `return_state`,
+        or `(outputs, cache)` with `cache`.
 
     Example:
 
@@ -310,7 +335,10 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
 
     # ------------------------------------------------------------------ call
     def call(self, inputs, mask=None, positions=None, initial_state=None, training=None,
-             return_state=None):
+             return_state=None, cache=None, cache_update_index=None):
+        if cache is not None:
+            return self._cached_call(inputs, mask, cache, cache_update_index, positions,
+                                     initial_state, return_state)
         mask = validation.sequence_tensor("mask", mask, inputs)
         positions = validation.sequence_tensor("positions", positions, inputs)
         initial_state = validation.state(
@@ -451,18 +479,7 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
         see Args): returns `(retrieved (b, n, h, S, dv) compute dtype, memory_final,
         norm_final)`. Invalid tokens are selected out of both factors of every sum (a zero
         key times a NaN value is still NaN)."""
-        read_k = memory_ops.feature_map(key, self.memory_feature_map)  # (b, n, h, S, dk)
-        write_k = read_k
-        if self.write_strength:
-            beta = ops.sigmoid(ops.cast(self.beta_dense(x), "float32"))  # (b, n, S, h)
-            beta = ops.swapaxes(beta, 2, 3)  # (b, n, h, S)
-            write_k = read_k * beta[..., None]
-        if valid is not None:  # select, not multiply: a masked NaN must not leak
-            keep = ops.cast(valid, "bool")[:, :, None, :, None]
-            read_k = ops.where(keep, read_k, 0.0)
-            write_k = ops.where(keep, write_k, 0.0)
-            value = ops.where(keep, value, ops.zeros_like(value))
-        value32 = ops.cast(value, "float32")
+        read_k, write_k, value32 = self._memory_keys(x, key, value, valid)
         normalised = self.memory_feature_map in memory_ops.NORMALISED_FEATURE_MAPS
         sequence = distribution.sequence_sharding()  # segments split over devices
         norm_before, norm_final = memory_ops.norm_states(write_k, norm0, sequence=sequence)
@@ -485,6 +502,245 @@ class CompressiveMemory(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
         else:
             retrieved = memory_ops.retrieve_unnormalised(phi_q, memory_before)
         return ops.cast(retrieved, self.compute_dtype), memory_final, norm_final
+
+    def _memory_keys(self, x, key, value, valid):
+        """The memory's read keys `phi(K)`, write keys (times the write strength) and
+        float32 values `(b, n, h, S, d)`, invalid tokens selected to 0 (a masked NaN
+        must not leak)."""
+        read_k = memory_ops.feature_map(key, self.memory_feature_map)  # (b, n, h, S, dk)
+        write_k = read_k
+        if self.write_strength:
+            beta = ops.sigmoid(ops.cast(self.beta_dense(x), "float32"))  # (b, n, S, h)
+            beta = ops.swapaxes(beta, 2, 3)  # (b, n, h, S)
+            write_k = read_k * beta[..., None]
+        if valid is not None:  # select, not multiply: a masked NaN must not leak
+            keep = ops.cast(valid, "bool")[:, :, None, :, None]
+            read_k = ops.where(keep, read_k, 0.0)
+            write_k = ops.where(keep, write_k, 0.0)
+            value = ops.where(keep, value, ops.zeros_like(value))
+        return read_k, write_k, ops.cast(value, "float32")
+
+    def _memory_update(self, read_k, write_k, value32, memory, norm):
+        """The update of `(memory, norm)` from these tokens of the current segment
+        (`(b, n, h, S, d)` keys and values; state `(b, h, ...)` before the segment)."""
+        normalised = self.memory_feature_map in memory_ops.NORMALISED_FEATURE_MAPS
+        if self.update == "linear":
+            memory_update = memory_ops.linear_update(write_k, value32)
+        else:
+            memory_update = memory_ops.delta_update(
+                memory[:, None], read_k, write_k, value32, norm[:, None], normalised
+            )
+        return ops.sum(memory_update, axis=1), ops.sum(write_k, axis=(1, 3))
+
+    # ------------------------------------------------------------------ decode cache
+    def cache_shapes(self, batch_size):
+        """`{name: shape}` of the cache `build_cache(batch_size)` returns."""
+        b, h, dk, dv, s = batch_size, self.num_heads, self.dim_key, self.dim_value, \
+            self.segment_len
+        return {
+            "memory": (b, h, dk, dv), "norm": (b, h, dk),
+            "memory_update": (b, h, dk, dv), "norm_update": (b, h, dk),
+            "key": (b, s, h, dk), "value": (b, s, h, dv), "valid": (b, s), "length": (b,),
+        }
+
+    def build_cache(self, batch_size):
+        """An empty decode cache for `batch_size` rows (see `call(cache=...)`): the
+        initial state (learned, with `init_state_learnable`), an empty current segment.
+
+        Fixed shapes, whatever the length decoded: `memory`/`memory_update`
+        `(b, h, dk, dv)` and `norm`/`norm_update` `(b, h, dk)` float32, the current
+        segment's `key` `(b, S, h, dk)` and `value` `(b, S, h, dv)` in the compute dtype,
+        `valid` `(b, S)` bool, `length` `(b,)` int32.
+        """
+        batch_size = validation.positive_int("batch_size", batch_size)
+        self._require_causal()
+        self._ensure_built()
+        memory, norm = self.get_initial_state(batch_size)
+        shapes = self.cache_shapes(batch_size)
+        cache = {"memory": memory, "norm": norm}
+        for name in ("memory_update", "norm_update"):
+            cache[name] = ops.zeros(shapes[name], "float32")
+        for name in ("key", "value"):
+            cache[name] = ops.zeros(shapes[name], self.compute_dtype)
+        cache["valid"] = ops.zeros(shapes["valid"], "bool")
+        cache["length"] = ops.zeros(shapes["length"], "int32")
+        return cache
+
+    def _cached_call(self, inputs, mask, cache, cache_update_index, positions=None,
+                     initial_state=None, return_state=None):
+        index = self._check_cache_call(inputs, cache, cache_update_index, positions,
+                                       initial_state, return_state)
+        mask = validation.sequence_tensor("mask", mask, inputs)
+        if int(inputs.shape[1]) == 0:
+            return ops.zeros_like(ops.cast(inputs, self.compute_dtype)), cache
+        consumed = _cache.consumed_tokens(inputs, mask)
+        _cache.check_cache_position(index, cache["length"], consumed[:, 0])
+        return self._cached(ops.cast(inputs, self.compute_dtype), consumed, cache, index)
+
+    def _cached(self, x, consumed, cache, index):
+        """Cached call on checked arguments: `x` `(b, T, D)` compute dtype, `consumed`
+        bool `(b, T)` (a prefix per row), `index` an int or a scalar tensor (T == 1).
+
+        Tokens before the next segment boundary run one at a time (`_decode_step`), the
+        rest segment-parallel (`_prefill`)."""
+        seg, length = self.segment_len, int(x.shape[1])
+        head = length if not isinstance(index, int) else min(length, (-index) % seg)
+        outputs = []
+        for t in range(head):
+            position = _cache.position_in_segment(index, t, seg)
+            take = consumed[:, t]
+            y, cache = self._decode_step(
+                x[:, t:t + 1], cache, take, take, position, position,
+                _fold_now(position, seg),
+            )
+            outputs.append(y)
+        if head < length:
+            rest = length - head
+            segments = _cache.segments_for_prefill(rest, seg)
+            taken = consumed[:, head:]
+            count = ops.sum(ops.cast(taken, "int32"), axis=1)
+            y, cache = self._prefill(
+                _cache.pad_tokens(x[:, head:], segments * seg),
+                _cache.pad_tokens(taken, segments * seg, False),
+                None, count // seg, count, cache,
+            )
+            outputs.append(y[:, :rest])
+        outputs = outputs[0] if len(outputs) == 1 else ops.concatenate(outputs, axis=1)
+        return outputs, cache
+
+    def _decode_step(self, x, cache, take, write, slot, position, fold_now):
+        """One new token `x` `(b, 1, D)` (compute dtype) against the cache.
+
+        `take` (bool `(b,)`): rows that consume the token (the others keep their cache;
+        their output is not meaningful); `write`: rows whose token enters the attention
+        and the memory (`take` for a plain layer; the routed tokens in a MoD block);
+        `slot`: the cache slot it takes (int or `(b,)`); `position`: its position for the
+        embedder; `fold_now` (bool, scalar or `(b,)`): the token ends its segment, which
+        is then folded into `(memory, norm)` and the slots freed.
+        """
+        b = x.shape[0] if x.shape[0] is not None else ops.shape(x)[0]
+        seg = self.segment_len
+        write = ops.logical_and(ops.cast(write, "bool"), ops.cast(take, "bool"))
+        xs = ops.where(write[:, None, None], x, ops.zeros_like(x))[:, :, None, :]
+        query = self.query_dense(xs)  # (b, 1, h, 1, dk)
+        key = self.key_dense(xs)
+        value = self.value_dense(xs)  # (b, 1, h, 1, dv)
+        if self.positional_embedder is not None:
+            p = ops.reshape(ops.cast(position, "int32"), (-1, 1, 1, 1))
+            query_rot = self.positional_embedder(query, positions=p)
+            key_rot = self.positional_embedder(key, positions=p)
+        else:
+            query_rot, key_rot = query, key
+
+        # Write the token into its slot, then attend over the segment so far.
+        slots = ops.arange(seg, dtype="int32")[None, :]
+        slot = ops.reshape(ops.cast(slot, "int32"), (-1, 1))
+        hit = ops.logical_and(slots == slot, write[:, None])  # (b, S)
+        keys = ops.where(hit[:, :, None, None], ops.swapaxes(key_rot[:, 0], 1, 2),
+                         cache["key"])
+        values = ops.where(hit[:, :, None, None], ops.swapaxes(value[:, 0], 1, 2),
+                           cache["value"])
+        valid = ops.logical_or(cache["valid"], hit)
+        attended = attention_ops.cached_attention(query_rot[:, 0], keys, values, valid)
+
+        # Read the memory (the state before this segment) and add the token's update.
+        memory, norm = cache["memory"], cache["norm"]
+        phi_q = memory_ops.feature_map(query, self.memory_feature_map)
+        if self.memory_feature_map in memory_ops.NORMALISED_FEATURE_MAPS:
+            retrieved = memory_ops.retrieve(phi_q, memory[:, None], norm[:, None])
+        else:
+            retrieved = memory_ops.retrieve_unnormalised(phi_q, memory[:, None])
+        read_k, write_k, value32 = self._memory_keys(xs, key, value, write[:, None, None])
+        memory_step, norm_step = self._memory_update(read_k, write_k, value32, memory, norm)
+        memory_update = cache["memory_update"] + memory_step
+        norm_update = cache["norm_update"] + norm_step
+
+        gate = self.gate_values()[:, None, None]
+        mixed = gate * ops.cast(retrieved[:, 0], self.compute_dtype) + (1.0 - gate) * attended
+        outputs = self.output_dense(mixed[:, None])  # (b, 1, 1, D)
+        outputs = ops.reshape(outputs, (b, 1, self.dim_input))
+
+        # A finished segment is folded into the state and its slots are freed.
+        fold_now = ops.logical_and(
+            ops.broadcast_to(ops.cast(fold_now, "bool"), ops.shape(write)),
+            ops.cast(take, "bool"),
+        )
+        folded_memory, folded_norm = memory_ops.fold(memory, norm, memory_update, norm_update)
+        f4, f3 = fold_now[:, None, None, None], fold_now[:, None, None]
+        new_cache = {
+            "memory": ops.where(f4, folded_memory, memory),
+            "norm": ops.where(f3, folded_norm, norm),
+            "memory_update": ops.where(f4, ops.zeros_like(memory_update), memory_update),
+            "norm_update": ops.where(f3, ops.zeros_like(norm_update), norm_update),
+            "key": keys,
+            "value": values,
+            "valid": ops.logical_and(valid, ops.logical_not(fold_now[:, None])),
+            "length": cache["length"] + ops.cast(take, "int32"),
+        }
+        return outputs, new_cache
+
+    def _prefill(self, x, valid, positions, stop, count, cache):
+        """Several new tokens at a segment boundary, segment-parallel.
+
+        `x` `(b, n * S, D)` (whole segments), `valid` bool `(b, n * S)`: tokens that enter
+        the layer; `positions` `(b, n * S)` or None (segment-local); `stop` `(b,)`: the
+        segment each row's consumption ends in (`< n`): earlier segments are folded into
+        the state through the normal call, segment `stop` becomes the cache's current
+        segment; `count` `(b,)`: tokens consumed per row. Returns `(outputs, cache)`.
+        """
+        seg = self.segment_len
+        n = int(x.shape[1]) // seg
+        stop = ops.cast(stop, "int32")
+        segment_id = ops.arange(n * seg, dtype="int32")[None, :] // seg  # (1, n S)
+        # 1. Whole segments (those before `stop`) through the normal call, state carried.
+        before_stop = ops.logical_and(valid, segment_id < stop[:, None])
+        outputs, memory, norm = self.call(
+            x, mask=before_stop, positions=positions,
+            initial_state=(cache["memory"], cache["norm"]), return_state=True,
+        )
+        # 2. The current segment `stop` of every row: outputs from the state after the
+        # whole segments, keys and values into the cache.
+        def current(t):  # (b, n * S, ...) -> (b, 1, S, ...): segment `stop` of each row
+            t = segment_ops.fold(t, seg)
+            index = ops.reshape(stop, (-1,) + (1,) * (len(t.shape) - 1))
+            return ops.take_along_axis(t, index, axis=1)
+
+        x_cur, valid_cur = current(x), current(valid)
+        pos_cur = None if positions is None else current(positions)
+        mixed, _, _ = self._segments(x_cur, valid_cur, pos_cur, memory, norm)
+        current_outputs = self.output_dense(mixed)  # (b, 1, S, D)
+        x_in = ops.where(valid_cur[..., None], x_cur, ops.zeros_like(x_cur))
+        key = self.key_dense(x_in)  # (b, 1, h, S, dk)
+        value = self.value_dense(x_in)
+        key_rot = key
+        if self.positional_embedder is not None:
+            p = ops.arange(seg, dtype="int32") if pos_cur is None else pos_cur[:, :, None, :]
+            key_rot = self.positional_embedder(key, positions=p)
+        read_k, write_k, value32 = self._memory_keys(x_in, key, value, valid_cur)
+        memory_update, norm_update = self._memory_update(
+            read_k, write_k, value32, memory, norm
+        )
+        outputs = segment_ops.fold(outputs, seg)
+        is_current = (ops.arange(n, dtype="int32")[None, :] == stop[:, None])[..., None, None]
+        outputs = ops.where(is_current, current_outputs, outputs)
+        new_cache = {
+            "memory": memory,
+            "norm": norm,
+            "memory_update": memory_update,
+            "norm_update": norm_update,
+            "key": ops.swapaxes(key_rot[:, 0], 1, 2),
+            "value": ops.swapaxes(value[:, 0], 1, 2),
+            "valid": valid_cur[:, 0],
+            "length": cache["length"] + ops.cast(count, "int32"),
+        }
+        # A row that takes no token here keeps its cache (it may hold a partial segment).
+        takes = ops.cast(count, "int32") > 0
+        new_cache = {
+            name: ops.where(ops.reshape(takes, (-1,) + (1,) * (len(t.shape) - 1)), t,
+                            cache[name])
+            for name, t in new_cache.items()
+        }
+        return segment_ops.unfold(outputs), new_cache
 
     # ------------------------------------------------------------------ config
     def get_config(self):

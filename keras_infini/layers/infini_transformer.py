@@ -3,6 +3,8 @@
 import keras
 
 from keras_infini import validation
+from keras_infini.layers import _cache
+from keras_infini.layers._cache import CachedCallMixin
 from keras_infini.layers._outputs import StatefulOutputsMixin
 from keras_infini.layers._weights import WeightArgsMixin
 from keras_infini.layers.activations import get_activation
@@ -20,7 +22,8 @@ def named_positional_embedder(positional_embedder, dim_key, seq_len):
 
 
 @keras.saving.register_keras_serializable(package="keras_infini")
-class InfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Layer):
+class InfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
+                        keras.layers.Layer):
     """Transformer block: Infini-attention (`CompressiveMemory`) and a gated-activation MLP.
 
     With `normalize_first=True` (pre-norm, default):
@@ -77,6 +80,9 @@ class InfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
         mask, positions, initial_state: passed to `attention` (see `CompressiveMemory`).
         training: enables dropout.
         return_state: optional per-call override of the constructor's `return_state`.
+        cache, cache_update_index: decode with a cache from `build_cache(batch_size)`
+            (causal blocks): returns `(outputs, cache)`, equal to one full call on the
+            whole sequence; see `CompressiveMemory` (the cache is the attention's).
 
     Example:
 
@@ -199,23 +205,85 @@ class InfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Laye
         """The block's math; returns `(outputs, memory, norm)`."""
 
         def attend(t):
-            return self.attention(
+            attended, memory, norm = self.attention(
                 t, mask=mask, positions=positions, initial_state=initial_state,
                 training=training,
             )
+            return attended, (memory, norm)
 
+        y, (memory, norm) = self._residual(x, attend, training)
+        return y, memory, norm
+
+    def _residual(self, x, attend, training=None):
+        """Norms, residuals and MLP around `attend(t) -> (attended, extra)`; returns
+        `(outputs, extra)`. One definition for the full call and the cached calls."""
         if self.normalize_first:
-            attended, memory, norm = attend(self.attention_norm(x))
+            attended, extra = attend(self.attention_norm(x))
             h = x + self.attention_dropout(attended, training=training)
             y = h + self.mlp_dropout(self.mlp(self.mlp_norm(h)), training=training)
         else:
-            attended, memory, norm = attend(x)
+            attended, extra = attend(x)
             h = self.attention_norm(x + self.attention_dropout(attended, training=training))
             y = self.mlp_norm(h + self.mlp_dropout(self.mlp(h), training=training))
-        return y, memory, norm
+        return y, extra
+
+    # ------------------------------------------------------------------ decode cache
+    def cache_shapes(self, batch_size):
+        """`{name: shape}` of the cache `build_cache(batch_size)` returns."""
+        return self.attention.cache_shapes(batch_size)
+
+    def build_cache(self, batch_size):
+        """An empty decode cache for `batch_size` rows: the attention's (see
+        `CompressiveMemory.build_cache`)."""
+        batch_size = validation.positive_int("batch_size", batch_size)
+        self._require_causal()
+        self._ensure_built()
+        return self.attention.build_cache(batch_size)
+
+    def _cached_call(self, inputs, mask, cache, cache_update_index, positions=None,
+                     initial_state=None, return_state=None):
+        index = self._check_cache_call(inputs, cache, cache_update_index, positions,
+                                       initial_state, return_state)
+        mask = validation.sequence_tensor("mask", mask, inputs)
+        x = keras.ops.cast(inputs, self.compute_dtype)
+        if int(inputs.shape[1]) == 0:
+            return x, cache
+        consumed = _cache.consumed_tokens(inputs, mask)
+        _cache.check_cache_position(index, cache["length"], consumed[:, 0])
+        return self._cached(x, consumed, cache, index)
+
+    def _cached(self, x, consumed, cache, index):
+        x = keras.ops.where(consumed[..., None], x, keras.ops.zeros_like(x))
+        return self._residual(
+            x, lambda t: self.attention._cached(t, consumed, cache, index), training=False
+        )
+
+    def _decode_step(self, x, cache, take, write, slot, position, fold_now):
+        """`CompressiveMemory._decode_step` inside the block (one token)."""
+        keep = keras.ops.logical_and(keras.ops.cast(take, "bool"),
+                                     keras.ops.cast(write, "bool"))[:, None, None]
+        x = keras.ops.where(keep, x, keras.ops.zeros_like(x))
+        return self._residual(
+            x,
+            lambda t: self.attention._decode_step(t, cache, take, write, slot, position,
+                                                  fold_now),
+            training=False,
+        )
+
+    def _prefill(self, x, valid, positions, stop, count, cache):
+        """`CompressiveMemory._prefill` inside the block (whole segments)."""
+        x = keras.ops.where(valid[..., None], x, keras.ops.zeros_like(x))
+        return self._residual(
+            x,
+            lambda t: self.attention._prefill(t, valid, positions, stop, count, cache),
+            training=False,
+        )
 
     def call(self, inputs, mask=None, positions=None, initial_state=None, training=None,
-             return_state=None):
+             return_state=None, cache=None, cache_update_index=None):
+        if cache is not None:
+            return self._cached_call(inputs, mask, cache, cache_update_index, positions,
+                                     initial_state, return_state)
         mask = validation.sequence_tensor("mask", mask, inputs)
         if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(inputs.dtype)):
             inputs = keras.ops.cast(inputs, self.compute_dtype)  # integer inputs

@@ -12,6 +12,8 @@ from keras.src.backend.common import stateless_scope
 
 from keras_infini import distribution
 from keras_infini import validation
+from keras_infini.layers import _cache
+from keras_infini.layers._cache import CachedCallMixin
 from keras_infini.layers._outputs import StatefulOutputsMixin
 from keras_infini.layers._weights import WeightArgsMixin
 from keras_infini.layers.infini_transformer import InfiniTransformer
@@ -73,7 +75,8 @@ def _block_alias(name):
 
 
 @keras.saving.register_keras_serializable(package="keras_infini")
-class MoDInfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.Layer):
+class MoDInfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
+                           keras.layers.Layer):
     """Mixture-of-Depths `InfiniTransformer`: only `k` tokens per segment enter the block.
 
     Composition: a router (`Dense(1)`, attribute `router`) and an inner `InfiniTransformer`
@@ -126,6 +129,14 @@ class MoDInfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.L
         initial_state: optional `(memory, norm)` of the inner attention, for streaming.
         training: selects top-k routing (and the router loss) or causal routing.
         return_state: optional per-call override of the constructor's `return_state`.
+        cache, cache_update_index: decode with a cache from `build_cache(batch_size)`
+            (causal blocks; see `CompressiveMemory`): returns `(outputs, cache)`, equal to
+            one full call on the whole sequence in inference mode. The inference routing
+            is causal (a token's routing depends only on earlier tokens of its segment),
+            so the cache holds, besides the inner block's cache (`"attention"`, one slot
+            per routed token), the number of tokens of the current segment routed so far
+            (`"routed"`). The top-k routing of training looks at the whole segment, so it
+            has no cached form: a cached call always routes as inference does.
 
     Sublayers of the inner block are also reachable under their `InfiniTransformer` names
     (`attention`, `attention_norm`, `mlp_norm`, `mlp_in`, `mlp_activation`, `mlp_out`,
@@ -198,7 +209,11 @@ class MoDInfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.L
         self.input_spec = keras.InputSpec(ndim=3, axes={-1: self.dim_input})
         self.built = True
 
-    def call(self, inputs, mask=None, initial_state=None, training=None, return_state=None):
+    def call(self, inputs, mask=None, initial_state=None, training=None, return_state=None,
+             cache=None, cache_update_index=None):
+        if cache is not None:
+            return self._cached_call(inputs, mask, cache, cache_update_index, None,
+                                     initial_state, return_state)
         mask = validation.sequence_tensor("mask", mask, inputs)
         initial_state = validation.state(
             initial_state, inputs, self.num_heads, self.dim_key, self.dim_value
@@ -267,6 +282,108 @@ class MoDInfiniTransformer(StatefulOutputsMixin, WeightArgsMixin, keras.layers.L
                 logits = self.router(inputs)
             extras = [ops.reshape(selection, (-1, 1)), ops.reshape(logits, (-1, 1))]
         return self.pack_outputs(outputs, extras, memory, norm, return_state)
+
+    # ------------------------------------------------------------------ decode cache
+    def cache_shapes(self, batch_size):
+        """`{name: shape}` of the cache `build_cache(batch_size)` returns."""
+        return {"attention": self.block.cache_shapes(batch_size), "routed": (batch_size,)}
+
+    def build_cache(self, batch_size):
+        """An empty decode cache for `batch_size` rows: the inner block's (one slot per
+        routed token of the current segment) and `routed` `(b,)` int32, the number of
+        tokens of the current segment routed so far."""
+        batch_size = validation.positive_int("batch_size", batch_size)
+        self._require_causal()
+        self._ensure_built()
+        return {
+            "attention": self.block.build_cache(batch_size),
+            "routed": ops.zeros((batch_size,), "int32"),
+        }
+
+    def _cached_call(self, inputs, mask, cache, cache_update_index, positions=None,
+                     initial_state=None, return_state=None):
+        index = self._check_cache_call(inputs, cache, cache_update_index, positions,
+                                       initial_state, return_state)
+        mask = validation.sequence_tensor("mask", mask, inputs)
+        if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(inputs.dtype)):
+            inputs = ops.cast(inputs, self.compute_dtype)
+        length = int(inputs.shape[1])
+        if length == 0:
+            return ops.cast(inputs, self.compute_dtype), cache
+        consumed = _cache.consumed_tokens(inputs, mask)
+        _cache.check_cache_position(index, cache["attention"]["length"], consumed[:, 0])
+        x = ops.where(consumed[..., None], inputs, ops.zeros_like(inputs))
+        seg = self.segment_len
+        head = length if not isinstance(index, int) else min(length, (-index) % seg)
+        outputs = []
+        for t in range(head):
+            y, cache = self._decode_step(
+                x[:, t:t + 1], cache, consumed[:, t],
+                _cache.position_in_segment(index, t, seg),
+            )
+            outputs.append(y)
+        if head < length:
+            y, cache = self._prefill(x[:, head:], consumed[:, head:], cache)
+            outputs.append(y)
+        outputs = outputs[0] if len(outputs) == 1 else ops.concatenate(outputs, axis=1)
+        # Rows that do not take a token pass it through, as masked tokens do.
+        return ops.where(consumed[..., None], outputs, inputs), cache
+
+    def _decode_step(self, x, cache, take, position):
+        """One token `x` `(b, 1, D)` at in-segment `position`, routed causally: iff its
+        router logit is positive and fewer than `capacity` tokens of its segment were
+        routed before it (`routing.causal_selection`, one token at a time)."""
+        seg, k = self.segment_len, self.capacity
+        take = ops.cast(take, "bool")
+        logits = self.router(x)  # (b, 1, 1)
+        r = ops.cast(logits[:, 0, 0], "float32")
+        routed_before = cache["routed"]
+        routed = ops.logical_and(ops.logical_and(r > 0, take), routed_before < k)
+        fold_now = ops.logical_and(
+            ops.broadcast_to(ops.convert_to_tensor(position == seg - 1), ops.shape(take)),
+            take,
+        )
+        y, attention = self.block._decode_step(
+            x, cache["attention"], take, routed, routed_before, position, fold_now
+        )
+        update = ops.sigmoid(logits) * (y - x)
+        outputs = x + ops.where(routed[:, None, None], update, ops.zeros_like(update))
+        count = routed_before + ops.cast(routed, "int32")
+        count = ops.where(fold_now, ops.zeros_like(count), count)
+        return outputs, {"attention": attention, "routed": count}
+
+    def _prefill(self, x, consumed, cache):
+        """Several tokens from a segment boundary: the inference routing of `call` on
+        whole segments, the inner block's `_prefill` on the routed slots."""
+        seg, k = self.segment_len, self.capacity
+        length = int(x.shape[1])
+        n = _cache.segments_for_prefill(length, seg)
+        count = ops.sum(ops.cast(consumed, "int32"), axis=1)
+        stop = count // seg
+        logits = self.router(x)  # (b, T, 1)
+        valid = segment_ops.fold(
+            ops.cast(_cache.pad_tokens(consumed, n * seg, False), "float32"), seg
+        )
+        xf = segment_ops.fold(_cache.pad_tokens(x, n * seg), seg)  # (b, n, S, D)
+        r = segment_ops.fold(_cache.pad_tokens(logits[..., 0], n * seg), seg)
+        indices, slot_valid = routing.causal_selection(r, valid, k)
+        selected = routing.selection_mask(indices, slot_valid, seg)
+        x_sel = routing.gather_slots(xf, indices)  # (b, n, k, D)
+        r_sel = routing.gather_slots(r, indices)
+        y_sel, attention = self.block._prefill(
+            segment_ops.unfold(x_sel), segment_ops.unfold(slot_valid > 0),
+            segment_ops.unfold(indices), stop, count, cache["attention"],
+        )
+        y_sel = segment_ops.fold(y_sel, k)
+        used = (slot_valid > 0)[..., None]
+        update = ops.where(used, ops.sigmoid(r_sel)[..., None] * (y_sel - x_sel), 0.0)
+        outputs = xf + routing.scatter_slots(update, indices, selected)
+        outputs = segment_ops.unfold(outputs)[:, :length]
+        routed_now = ops.take_along_axis(
+            ops.sum(ops.cast(slot_valid > 0, "int32"), axis=-1), stop[:, None], axis=1
+        )[:, 0]
+        routed = ops.where(count > 0, routed_now, cache["routed"])
+        return outputs, {"attention": attention, "routed": routed}
 
     def _track_router_loss(self, loss):
         """Updates `router_loss_tracker` unless its state is out of reach: inside JAX's

@@ -65,6 +65,36 @@ def norm_states(sigma_k, norm0, sequence=None):
     return before, final
 
 
+def linear_update(write_k, value):
+    """The `linear` rule's change of the memory from some tokens of one segment:
+    `write_k^T V`, summed over the token axis (-2). Any leading axes.
+
+    The full call applies it to whole segments at once, the decode cache to one token at
+    a time (accumulating until the segment fills); both fold a segment as
+    `memory + update` (see `fold`)."""
+    return ops.einsum("...sk,...sv->...kv", write_k, value)
+
+
+def delta_update(memory, read_k, write_k, value, norm, normalised=True):
+    """The `delta` rule's change of the memory from some tokens of one segment:
+    `write_k^T (V - read_k M / d)` with `d = read_k z + eps` when `normalised` (else 1),
+    where `M`, `z` are the state *before* the segment. Leading axes: batch (and heads).
+
+    Every token's term depends only on the state before its segment, so the update of a
+    segment is the sum of its tokens' updates: the decode cache accumulates it token by
+    token, the full call computes it for a whole segment in one einsum."""
+    retrieved = ops.matmul(read_k, memory)
+    if normalised:
+        den = ops.einsum("...sk,...k->...s", read_k, norm) + EPSILON
+        retrieved = retrieved / den[..., None]
+    return ops.einsum("...sk,...sv->...kv", write_k, value - retrieved)
+
+
+def fold(memory, norm, memory_update, norm_update):
+    """The state after a segment: `(memory + memory_update, norm + norm_update)`."""
+    return memory + memory_update, norm + norm_update
+
+
 def linear_memory_states(sigma_k, value, memory0, sequence=None):
     """Memory before each segment for the `linear` update: an exclusive cumsum over segments.
 
@@ -76,7 +106,7 @@ def linear_memory_states(sigma_k, value, memory0, sequence=None):
     Returns:
         `(memory_before (batch, n, h, dk, dv), memory_final (batch, h, dk, dv))`.
     """
-    updates = ops.einsum("bnhsk,bnhsv->bnhkv", sigma_k, value)
+    updates = linear_update(sigma_k, value)
     if sequence is not None:
         return sharded_prefix_states(updates, memory0, sequence)
     before = memory0[:, None] + exclusive_cumsum(updates)
@@ -86,9 +116,7 @@ def linear_memory_states(sigma_k, value, memory0, sequence=None):
 
 def _delta_step(memory, sigma_k, value, norm):
     """One delta-rule update for one segment (leading axes: batch)."""
-    den = ops.einsum("bhsk,bhk->bhs", sigma_k, norm) + EPSILON
-    retrieved = ops.matmul(sigma_k, memory) / den[..., None]
-    return memory + ops.einsum("bhsk,bhsv->bhkv", sigma_k, value - retrieved)
+    return memory + delta_update(memory, sigma_k, sigma_k, value, norm)
 
 
 def delta_memory_states_scan(sigma_k, value, norm_before, memory0):
@@ -242,11 +270,7 @@ def _delta_step_general(memory, read_k, write_k, value, norm, normalised):
     `M += write_k^T (V - read_k M / d)`, `d = read_k z + eps` when `normalised`, else 1.
     `write_k = beta * read_k` gives DeltaNet's `M += k^T beta (v - k M)`.
     """
-    retrieved = ops.matmul(read_k, memory)
-    if normalised:
-        den = ops.einsum("bhsk,bhk->bhs", read_k, norm) + EPSILON
-        retrieved = retrieved / den[..., None]
-    return memory + ops.einsum("bhsk,bhsv->bhkv", write_k, value - retrieved)
+    return memory + delta_update(memory, read_k, write_k, value, norm, normalised)
 
 
 def delta_memory_states_general(read_k, write_k, value, norm_before, memory0,

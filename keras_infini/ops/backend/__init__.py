@@ -20,6 +20,9 @@ Each function here tries the fast path of the active Keras backend and raises
   shard of a `keras_infini.distribution.SequenceSharding` (JAX: `shard_map` over the
   mesh's `seq_dim`, manual on that axis only, with `all_gather` for the summaries); the
   math and the one-shard fallback are in `keras_infini.ops.memory`.
+
+- `is_traced(x)`: whether `x` is a placeholder of a trace (`jax.jit`, `tf.function`),
+  whose value cannot be read now (checks of values then have to be skipped).
 - `compile_inference(fn, variables)`: `fn` compiled once per input shape for inference:
   `jax.jit` over the variables' current values (stateless), `tf.function`, or `fn` under
   `no_grad()` on torch.
@@ -87,6 +90,14 @@ def no_grad():
     if module is None or not hasattr(module, "no_grad"):
         return contextlib.nullcontext()
     return module.no_grad()
+
+
+def is_traced(x):
+    """True when `x` is a tensor being traced (no value to read now), else False."""
+    module = _module()
+    if module is None or not hasattr(module, "is_traced"):
+        return False
+    return module.is_traced(x)
 
 
 def compile_inference(fn, variables=()):

@@ -68,3 +68,6 @@ def sequence_shard_map(fn, sharded, replicated, sequence):
         axis_names=frozenset({axis}),
     )
     return mapped(tuple(sharded), tuple(replicated))
+
+def is_traced(x):
+    return isinstance(x, jax.core.Tracer)

@@ -59,3 +59,7 @@ def compile_inference(fn, variables):
     """`tf.function` of `fn` (variables are captured by reference, read at every call)."""
     del variables
     return tf.function(fn, reduce_retracing=True)
+
+
+def is_traced(x):
+    return not tf.executing_eagerly() or tf.is_symbolic_tensor(x)

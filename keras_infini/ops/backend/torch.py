@@ -41,3 +41,8 @@ def compile_inference(fn, variables):
             return fn(*args, **kwargs)
 
     return run
+
+
+def is_traced(x):
+    del x
+    return bool(torch.compiler.is_compiling())

@@ -1,0 +1,174 @@
+"""Generation speed: InfiniCausalLM's cached `generate` against the previous
+`streaming.generate` and keras-hub's GPT2CausalLM (KV cache), one configuration per process.
+
+    KERAS_BACKEND=jax python benchmarks/bench_generate.py --model infini --prompt 1024
+    KERAS_BACKEND=jax python benchmarks/bench_generate.py --model gpt2 --prompt 1024
+    KERAS_BACKEND=jax python benchmarks/bench_generate.py --model legacy --prompt 1024
+
+Models (random weights, nothing downloaded; the example's size by default): `infini`, an
+`InfiniCausalLM` (4 blocks, width 128, 4 heads, segment 128, MoD every second block,
+greedy sampler); `legacy`, the same blocks as a plain Keras chain decoded as
+`streaming.generate` did before the decode cache (each new token re-runs the current
+segment, padded to `segment_len`, from the state at its start; greedy argmax on the host);
+`gpt2`, `keras_hub.models.GPT2CausalLM` built from a config of the same width, depth and
+heads (intermediate 256) with its KV cache.
+
+Timing: each measured call runs once before (compile / warm-up), then `--repeats` times
+(the minimum is kept). `prefill` is the time of
+a generation of 1 new token (prompt processing plus one step), `generate` the time of
+`--new` new tokens, and new tokens/s = `(new - 1) / (generate - prefill)`. Prints one
+markdown table row (`--header` first prints the header).
+"""
+
+import argparse
+import os
+import platform
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+VOCAB = 259
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=("infini", "legacy", "gpt2"), default="infini")
+    p.add_argument("--prompt", type=int, default=1024, help="prompt tokens")
+    p.add_argument("--new", type=int, default=256, help="new tokens")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--segment-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs of each measurement (the minimum is kept)")
+    p.add_argument("--header", action="store_true", help="print the table header first")
+    return p.parse_args(argv)
+
+
+def blocks_config(args):
+    return dict(vocabulary_size=VOCAB, num_layers=args.layers, hidden_dim=args.dim,
+                intermediate_dim=2 * args.dim, num_heads=args.heads,
+                segment_len=args.segment_len, mod_every=2)
+
+
+REPEATS = 3
+
+
+def best_of(fn):
+    """Minimum wall time of `REPEATS` calls of `fn` (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def hub_generate(lm, prompt, new):
+    """Seconds of `lm.generate` on right-padded token ids (greedy), best of REPEATS."""
+    batch, length = prompt.shape
+    ids = np.concatenate([prompt, np.zeros((batch, new), "int32")], axis=1)
+    mask = np.arange(length + new)[None] < length
+    inputs = {"token_ids": ids, "padding_mask": np.repeat(mask, batch, 0)}
+
+    def run():
+        out = lm.generate(inputs, stop_token_ids=None)
+        keras.ops.convert_to_numpy(out["token_ids"])
+
+    return best_of(run)
+
+
+def run_infini(args, prompt):
+    from keras_infini.models import InfiniBackbone, InfiniCausalLM
+
+    lm = InfiniCausalLM(InfiniBackbone(**blocks_config(args)))
+    lm.compile(sampler="greedy")
+    return hub_generate(lm, prompt, 1), hub_generate(lm, prompt, args.new)
+
+
+def run_gpt2(args, prompt):
+    import keras_hub
+
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=VOCAB, num_layers=args.layers, num_heads=args.heads,
+        hidden_dim=args.dim, intermediate_dim=2 * args.dim,
+        max_sequence_length=args.prompt + args.new,
+    )
+    lm = keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
+    lm.compile(sampler="greedy")
+    return hub_generate(lm, prompt, 1), hub_generate(lm, prompt, args.new)
+
+
+def run_legacy(args, prompt):
+    """The decoding of `streaming.generate` before the decode cache (greedy)."""
+    from keras_infini import InfiniTransformer, MoDInfiniTransformer
+    from keras_infini.streaming import Streamer, compile_step
+
+    seg = args.segment_len
+    tokens = keras.Input((None,), dtype="int32")
+    x = keras.layers.Embedding(VOCAB, args.dim)(tokens)
+    for i in range(args.layers):
+        common = dict(dim_input=args.dim, dim_hidden=2 * args.dim,
+                      dim_key=args.dim // args.heads, dim_value=args.dim // args.heads,
+                      num_heads=args.heads, activation="gelu", segment_len=seg,
+                      causal=True, positional_embedder="rope")
+        block = (MoDInfiniTransformer(sampling_factor=2.0, **common) if i % 2 == 1
+                 else InfiniTransformer(**common))
+        x = block(x)
+    x = keras.layers.LayerNormalization()(x)
+    model = keras.Model(tokens, keras.layers.Dense(VOCAB)(x))
+    step = compile_step(Streamer(model))
+
+    def generate(new):
+        batch = prompt.shape[0]
+        committed = ((prompt.shape[1] - 1) // seg) * seg
+        states = None
+        for start in range(0, committed, seg):
+            _, states = step(prompt[:, start:start + seg], states)
+        pending = prompt[:, committed:]
+        for _ in range(new):
+            length = pending.shape[1]
+            chunk = np.zeros((batch, seg), "int32")
+            chunk[:, :length] = pending
+            logits, new_states = step(chunk, states)
+            token = np.asarray(keras.ops.convert_to_numpy(logits[:, length - 1])).argmax(-1)
+            token = token.astype("int32")[:, None]
+            if length == seg:
+                states, pending = new_states, token
+            else:
+                pending = np.concatenate([pending, token], axis=1)
+
+    return best_of(lambda: generate(1)), best_of(lambda: generate(args.new))
+
+
+HEADER = ("| backend | model | batch | prompt | prefill (s) | prompt + new (s) | "
+          "new tokens/s | ms per new token |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def main(argv=None):
+    global REPEATS
+    args = parse_args(argv)
+    REPEATS = max(1, args.repeats)
+    keras.utils.set_random_seed(0)
+    prompt = np.random.default_rng(0).integers(0, 256, size=(args.batch, args.prompt))
+    prompt = prompt.astype("int32")
+    runner = {"infini": run_infini, "gpt2": run_gpt2, "legacy": run_legacy}[args.model]
+    prefill, total = runner(args, prompt)
+    per_token = max(total - prefill, 1e-9) / max(args.new - 1, 1)
+    if args.header:
+        print(HEADER)
+    print(f"| {keras.backend.backend()} | {args.model} | {args.batch} | {args.prompt} | "
+          f"{prefill:.3f} | {total:.3f} | {args.batch / per_token:,.0f} | "
+          f"{1000 * per_token:.2f} |", flush=True)
+    return {"prefill": prefill, "total": total, "per_token": per_token,
+            "machine": platform.processor() or platform.machine()}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""InfiniCausalLM: a keras-hub CausalLM decoding with the blocks' fixed-shape cache."""
+
+import keras
+from keras import ops
+from keras_hub.models import CausalLM
+from keras_hub.src.utils.tensor_utils import any_equal
+
+from keras_infini.models.infini_backbone import InfiniBackbone
+from keras_infini.models.infini_causal_lm_preprocessor import InfiniCausalLMPreprocessor
+
+
+@keras.saving.register_keras_serializable(package="keras_infini")
+class InfiniCausalLM(CausalLM):
+    """Next-token model on an `InfiniBackbone`, with keras-hub's `generate`.
+
+    `fit` trains on `{"token_ids", "padding_mask"}` (or on strings, through the
+    preprocessor). `generate("def ", max_length=256)` samples with the sampler given to
+    `compile(sampler=...)` (`"greedy"`, `"top_k"`, `"top_p"`, `"beam"`, `"random"`, ...,
+    or a `keras_hub.samplers.Sampler`), compiled end to end (`jax.jit` /
+    `tf.function`; eager under `torch.no_grad()` on torch, as every keras-hub model).
+
+    Generation uses each block's decode cache (`build_cache`): the prompt is prefilled
+    segment-parallel with its padding mask, so every row keeps exactly its own tokens, and
+    each new token costs `O(segment_len)` whatever the prompt length (finished segments
+    live only in the `(memory, norm)` state). Logits equal those of one full call on the
+    whole sequence (tests/test_models.py).
+
+    Args:
+        backbone: an `InfiniBackbone` (causal).
+        preprocessor: an `InfiniCausalLMPreprocessor` or None.
+    """
+
+    backbone_cls = InfiniBackbone
+    preprocessor_cls = InfiniCausalLMPreprocessor
+
+    def __init__(self, backbone, preprocessor=None, **kwargs):
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+
+        # === Functional model ===
+        inputs = backbone.input
+        hidden_states = backbone(inputs)
+        outputs = backbone.token_embedding(hidden_states, reverse=True)
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+    def _check_causal(self):
+        if not getattr(self.backbone, "causal", True):
+            raise ValueError(
+                f"Invalid model {self.name!r} for generation: its backbone has causal=False "
+                "(a token would see later tokens). Build the backbone with causal=True."
+            )
+
+    def build_cache(self, batch_size):
+        """One decode cache per block (a list of the blocks' `build_cache`)."""
+        self._check_causal()
+        return [layer.build_cache(batch_size) for layer in self.backbone.transformer_layers]
+
+    def _blocks_with_cache(self, token_ids, cache, cache_update_index, padding_mask=None):
+        x = self.backbone.token_embedding(token_ids)
+        updated = []
+        for layer, layer_cache in zip(self.backbone.transformer_layers, cache):
+            x, layer_cache = layer(x, cache=layer_cache,
+                                   cache_update_index=cache_update_index, mask=padding_mask)
+            updated.append(layer_cache)
+        return self.backbone.layer_norm(x), updated
+
+    def call_with_cache(self, token_ids, cache, cache_update_index, padding_mask=None):
+        """Forward pass of new tokens against the cache.
+
+        Args:
+            token_ids: int `(batch, new_tokens)`, at positions `cache_update_index, ...`.
+            cache: from `build_cache` (or the previous call).
+            cache_update_index: tokens already in the cache (an int, or a scalar int
+                tensor for one token).
+            padding_mask: optional `(batch, new_tokens)`: the tokens each row takes (a
+                prefix; rows that take nothing keep their cache).
+
+        Returns:
+            `(logits, hidden_states, cache)`.
+        """
+        hidden_states, cache = self._blocks_with_cache(
+            token_ids, cache, cache_update_index, padding_mask
+        )
+        logits = self.backbone.token_embedding(hidden_states, reverse=True)
+        return logits, hidden_states, cache
+
+    def _build_cache(self, token_ids, padding_mask):
+        """An empty cache, prefilled (segment-parallel) with every row's prompt but its
+        last token, which the first generation step runs to get the next logits."""
+        batch_size = token_ids.shape[0]
+        row_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=-1)
+        positions = ops.arange(ops.shape(token_ids)[1], dtype="int32")[None, :]
+        prefill_mask = positions < (row_lengths - 1)[:, None]
+        hidden_states, cache = self._blocks_with_cache(
+            token_ids, self.build_cache(batch_size), 0, prefill_mask
+        )
+        return hidden_states, cache
+
+    def generate_step(self, inputs, stop_token_ids=None):
+        """A compilable generation function for one batch of right-padded prompts
+        (`{"token_ids", "padding_mask"}`), as keras-hub's GPT-2: the sampler runs one
+        position at a time from the shortest prompt on; a row takes the token at a
+        position once its prompt is in its cache (before that, the position holds its own
+        prompt token, which the sampler keeps)."""
+        self._check_causal()
+        token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
+        hidden_states, cache = self._build_cache(token_ids, padding_mask)
+        row_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=-1)
+        index = ops.maximum(ops.min(row_lengths), 1)
+
+        def next(prompt, cache, index):
+            cache_update_index = index - 1
+            batch_size = ops.shape(prompt)[0]
+            prompt = ops.slice(prompt, [0, cache_update_index], [batch_size, 1])
+            takes = (cache_update_index >= row_lengths - 1)[:, None]
+            logits, hidden_states, cache = self.call_with_cache(
+                prompt, cache, cache_update_index, padding_mask=takes
+            )
+            return ops.squeeze(logits, axis=1), ops.squeeze(hidden_states, axis=1), cache
+
+        token_ids = self.sampler(
+            next=next,
+            prompt=token_ids,
+            cache=cache,
+            index=index,
+            mask=padding_mask,
+            stop_token_ids=stop_token_ids,
+            hidden_states=hidden_states,
+            model=self,
+        )
+        if stop_token_ids is not None:
+            end_locations = any_equal(
+                token_ids, stop_token_ids, ops.logical_not(padding_mask)
+            )
+            end_locations = ops.cast(end_locations, "int32")
+            cumsum = ops.cast(ops.cumsum(end_locations, axis=-1), "int32")
+            overflow = cumsum - end_locations
+            padding_mask = ops.logical_not(ops.cast(overflow, "bool"))
+        else:
+            padding_mask = ops.ones_like(token_ids, dtype="bool")
+        return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+    def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False):
+        self._check_causal()
+        return super().generate(inputs, max_length=max_length,
+                                stop_token_ids=stop_token_ids, strip_prompt=strip_prompt)

@@ -1,0 +1,167 @@
+"""keras_infini.models: InfiniBackbone / InfiniCausalLM / preprocessor on keras-hub."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_infini.ops import backend as fast_paths
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_keras_hub_is_optional():
+    # Without keras-hub: the package and its layers import and run; the models say which
+    # extra to install.
+    code = (
+        "import sys; sys.modules['keras_hub'] = None\n"
+        "import numpy as np, keras_infini\n"
+        "layer = keras_infini.InfiniTransformer(8, 16, 4, 4, 2, 'gelu', 4, causal=True)\n"
+        "y, cache = layer(np.ones((1, 5, 8), 'float32'), cache=layer.build_cache(1),\n"
+        "                 cache_update_index=0)\n"
+        "try:\n"
+        "    import keras_infini.models\n"
+        "except ImportError as error:\n"
+        "    print('IMPORT ERROR:', error)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "IMPORT ERROR:" in result.stdout and "keras_infini[hub]" in result.stdout
+
+
+keras_hub = pytest.importorskip("keras_hub")
+from keras_infini.models import InfiniBackbone  # noqa: E402
+from keras_infini.models import InfiniByteTokenizer  # noqa: E402
+from keras_infini.models import InfiniCausalLM  # noqa: E402
+from keras_infini.models import InfiniCausalLMPreprocessor  # noqa: E402
+
+S = 4
+
+
+def backbone(**overrides):
+    config = dict(vocabulary_size=259, num_layers=2, hidden_dim=16, intermediate_dim=32,
+                  num_heads=2, segment_len=S, mod_every=2, update="delta")
+    config.update(overrides)
+    return InfiniBackbone(**config)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    keras.utils.set_random_seed(0)
+    model = InfiniCausalLM(
+        backbone(), InfiniCausalLMPreprocessor(InfiniByteTokenizer(), sequence_length=32)
+    )
+    blocks = model.backbone.transformer_layers
+    for block in blocks:  # memory and local attention both matter
+        block.attention.gate.assign(np.array([1.0, -0.5], "float32"))
+    blocks[1].router.bias.assign(np.array([0.3], "float32"))  # capacity binds sometimes
+    return model
+
+
+def numpy(x):
+    return np.asarray(ops.convert_to_numpy(x))
+
+
+def test_greedy_generation_continues_each_row_as_the_full_call_predicts(lm):
+    # Right-padded prompts of 1, S-1, S+1 and 3S+5 tokens in one batch; every generated
+    # token is the argmax of the full call's logits on the row's own sequence.
+    lengths = np.array([1, S - 1, S + 1, 3 * S + 5])
+    total = 3 * S + 5 + 2 * S
+    rng = np.random.default_rng(0)
+    token_ids = rng.integers(0, 256, size=(4, total)).astype("int32")
+    mask = np.arange(total)[None] < lengths[:, None]
+    token_ids = np.where(mask, token_ids, 0).astype("int32")
+    lm.compile(sampler="greedy")
+    preprocessor, lm.preprocessor = lm.preprocessor, None  # token ids in, token ids out
+    try:
+        out = lm.generate({"token_ids": token_ids, "padding_mask": mask},
+                          stop_token_ids=None)
+    finally:
+        lm.preprocessor = preprocessor
+    ids = numpy(out["token_ids"])
+    np.testing.assert_array_equal(ids[mask], token_ids[mask])  # prompts kept
+    logits = numpy(lm({"token_ids": ids, "padding_mask": np.ones_like(ids)}))
+    for row, n in enumerate(lengths):
+        np.testing.assert_array_equal(ids[row, n:], logits[row, n - 1:-1].argmax(-1),
+                                      err_msg=f"row {row}")
+
+
+def test_call_with_cache_logits_equal_the_full_call(lm):
+    ids = np.random.default_rng(1).integers(0, 256, size=(2, 3 * S + 2)).astype("int32")
+    full = numpy(lm({"token_ids": ids, "padding_mask": np.ones_like(ids)}))
+    prompt = S + 1
+    logits, _, cache = lm.call_with_cache(ids[:, :prompt], lm.build_cache(2), 0)
+    outputs = [numpy(logits)]
+    step = fast_paths.compile_inference(lm.call_with_cache, lm.variables)
+    for t in range(prompt, ids.shape[1]):
+        logits, _, cache = step(ids[:, t:t + 1], cache, ops.convert_to_tensor(t, "int32"))
+        outputs.append(numpy(logits))
+    np.testing.assert_allclose(np.concatenate(outputs, axis=1), full, atol=1e-4)
+
+
+def test_generate_strings_with_keras_hub_samplers(lm):
+    lm.compile(sampler=keras_hub.samplers.TopKSampler(k=5, seed=1))
+    text = lm.generate("def ", max_length=24)
+    assert isinstance(text, str) and text.startswith("def ")
+    lm.compile(sampler="top_p")
+    texts = lm.generate(["a", "import os"], max_length=20)
+    assert [t[:len(p)] for t, p in zip(texts, ["a", "import os"])] == ["a", "import os"]
+
+
+def test_fit_on_strings_and_preset_round_trip(lm, tmp_path):
+    lm.compile(optimizer=keras.optimizers.Adam(1e-3), sampler="greedy")
+    lm.fit(["def f(x):\n    return x\n", "import os\n"] * 2, batch_size=2, epochs=1,
+           verbose=0)
+    lm.save_to_preset(str(tmp_path / "preset"))
+    loaded = InfiniCausalLM.from_preset(str(tmp_path / "preset"))
+    ids = np.random.default_rng(2).integers(0, 256, size=(2, 9)).astype("int32")
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    np.testing.assert_allclose(numpy(loaded(x)), numpy(lm(x)), atol=1e-5)
+    assert loaded.backbone.get_config() == lm.backbone.get_config()
+    assert isinstance(loaded.preprocessor.tokenizer, InfiniByteTokenizer)
+
+
+def test_lora_through_the_backbone():
+    model = InfiniCausalLM(backbone(num_layers=1, mod_every=0))
+    ids = np.random.default_rng(3).integers(0, 256, size=(2, 6)).astype("int32")
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    before = numpy(model(x))
+    model.backbone.enable_lora(rank=2)
+    names = sorted(v.path for v in model.trainable_variables)
+    assert names and all("lora_kernel" in name for name in names), names
+    np.testing.assert_allclose(numpy(model(x)), before, atol=1e-6)  # b starts at zero
+    model.compile(optimizer="adam", sampler="greedy")
+    model.fit(x, ids, epochs=1, verbose=0)
+
+
+def test_refusals(lm):
+    lm.compile(sampler="greedy")
+    with pytest.raises(ValueError, match="Invalid prompt of 30 tokens .*max_length=16"):
+        lm.generate("x" * 30, max_length=16)
+    model = InfiniCausalLM(backbone(num_layers=1, mod_every=0, causal=False))
+    model.compile(sampler="greedy")
+    ids = np.ones((1, 8), "int32")
+    with pytest.raises(ValueError, match="causal=False"):
+        model.generate({"token_ids": ids, "padding_mask": ids > 0}, stop_token_ids=None)
+    with pytest.raises(ValueError, match="mod_every"):
+        backbone(mod_every=-1)
+
+
+def test_bench_generate_runs_one_tiny_configuration(capsys):
+    import importlib.util
+
+    path = os.path.join(ROOT, "benchmarks", "bench_generate.py")
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--model", "infini", "--prompt", "9", "--new", "4", "--layers", "2",
+                         "--dim", "16", "--heads", "2", "--segment-len", "4", "--header",
+                         "--repeats", "1"])
+    assert result["total"] > 0 and result["per_token"] > 0
+    assert "| infini | 1 | 9 |" in capsys.readouterr().out
