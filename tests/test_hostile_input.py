@@ -281,7 +281,7 @@ def configurations(draw):
 
 
 @pytest.mark.filterwarnings("ignore:You are using a softmax over axis -1")  # segment_len=1
-@settings(max_examples=15, deadline=None, derandomize=True,
+@settings(max_examples=6, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(configurations())
 def test_property_finite_causal_and_masked(case):

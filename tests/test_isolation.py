@@ -216,7 +216,7 @@ def poisoned_cases(draw):
     return kind, update, causal, mask, use_mask, masked_poison, later, later_value, seed
 
 
-@settings(max_examples=15, deadline=None, derandomize=True,
+@settings(max_examples=6, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(poisoned_cases())
 def test_property_non_finite_tokens_are_isolated(case):

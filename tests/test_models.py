@@ -93,7 +93,7 @@ def test_greedy_generation_continues_each_row_as_the_full_call_predicts(lm):
 
 
 def test_call_with_cache_logits_equal_the_full_call(lm):
-    ids = np.random.default_rng(1).integers(0, 256, size=(2, 3 * S + 2)).astype("int32")
+    ids = np.random.default_rng(1).integers(0, 256, size=(2, S + 4)).astype("int32")
     full = numpy(lm({"token_ids": ids, "padding_mask": np.ones_like(ids)}))
     prompt = S + 1
     logits, _, cache = lm.call_with_cache(ids[:, :prompt], lm.build_cache(2), 0)
