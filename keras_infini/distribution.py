@@ -54,6 +54,8 @@ _RULES = (
     # do not), and an unnamed Keras Dense (`dense`, `dense_3`: a language-model head
     # `(D, vocab)`) on its output axis.
     (_PREFIX + r"embeddings", (None, "model")),
+    # keras-hub's untied ReversibleEmbedding output matrix (D, vocab): on the width too.
+    (_PREFIX + r"reverse_embeddings", ("model", None)),
     (_PREFIX + r"dense(?:_\d+)?/kernel", (None, "model")),
     (_PREFIX + r"dense(?:_\d+)?/bias", ("model",)),
     # Replicated: gates (h,), initial memory/normaliser, the MoD router Dense(1) (its

@@ -165,3 +165,26 @@ def test_bench_generate_runs_one_tiny_configuration(capsys):
                          "--repeats", "1"])
     assert result["total"] > 0 and result["per_token"] > 0
     assert "| infini | 1 | 9 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_backbone_layout_map_covers_every_weight(tie_weights):
+    """`InfiniBackbone.get_layout_map` (keras-hub's naming) is the library's layout map:
+    every backbone weight has exactly one layout; projections, MLP and embeddings are
+    sharded on `model`, each sharded axis divisible by it."""
+    mesh = keras.distribution.DeviceMesh((2, 2), ("batch", "model"),
+                                         [f"cpu:{i}" for i in range(4)])
+    layout_map = InfiniBackbone.get_layout_map(mesh)
+    model = backbone(vocabulary_size=260, tie_weights=tie_weights)
+    sharded = set()
+    for variable in model.weights:
+        layout = layout_map[variable.path]  # Keras raises if two keys match
+        assert layout is not None, f"{variable.path} is not in the layout map"
+        for axis, name in enumerate(layout.axes):
+            if name == "model":
+                assert variable.shape[axis] % 2 == 0, (variable.path, variable.shape)
+                sharded.add(variable.path.split("/")[-1])
+    assert {"embeddings", "kernel"} <= sharded
+    assert ("reverse_embeddings" in sharded) == (not tie_weights)
+    with pytest.raises(ValueError, match="model_dim='tensor'"):
+        InfiniBackbone.get_layout_map(mesh, model_parallel_dim_name="tensor")

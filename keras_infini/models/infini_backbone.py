@@ -175,6 +175,19 @@ class InfiniBackbone(Backbone):
         self.tie_weights = tie_weights
         self.causal = causal
 
+    @staticmethod
+    def get_layout_map(device_mesh, model_parallel_dim_name="model",
+                       data_parallel_dim_name="batch"):
+        """A `keras.distribution.LayoutMap` for `ModelParallel`, in keras-hub's naming:
+        `keras_infini.distribution.get_layout_map(device_mesh, model_dim=...,
+        batch_dim=...)` (attention projections on heads, MLP on its hidden axis, token
+        embeddings on the width, gates, states, norms and routers replicated)."""
+        from keras_infini import distribution
+
+        return distribution.get_layout_map(
+            device_mesh, model_dim=model_parallel_dim_name, batch_dim=data_parallel_dim_name
+        )
+
     def get_config(self):
         config = super().get_config()
         config.update({
