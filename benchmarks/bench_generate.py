@@ -47,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs of each measurement (the minimum is kept)")
     p.add_argument("--header", action="store_true", help="print the table header first")
+    p.add_argument("--step-time", action="store_true",
+                   help="infini: also time the compiled one-token cache step alone, over "
+                        "segment_len + 1 steps after the prompt (a segment fold included)")
     return p.parse_args(argv)
 
 
@@ -84,12 +87,34 @@ def hub_generate(lm, prompt, new):
     return best_of(run)
 
 
+def decode_step_seconds(lm, prompt, steps):
+    """Seconds per compiled one-token `call_with_cache` step after the whole prompt is in
+    the cache (the step alone: no prefill in the difference), best of REPEATS runs of
+    `steps` steps."""
+    from keras_infini.ops import backend as fast_paths
+
+    length = prompt.shape[1]
+    _, _, cache = lm.call_with_cache(prompt, lm.build_cache(prompt.shape[0]), 0)
+    step = fast_paths.compile_inference(lm.call_with_cache, lm.variables)
+    token = prompt[:, -1:]
+
+    def run():
+        state = cache
+        for t in range(steps):
+            logits, _, state = step(token, state, keras.ops.convert_to_tensor(length + t,
+                                                                              "int32"))
+        keras.ops.convert_to_numpy(logits)
+
+    return best_of(run) / steps
+
+
 def run_infini(args, prompt):
     from keras_infini.models import InfiniBackbone, InfiniCausalLM
 
     lm = InfiniCausalLM(InfiniBackbone(**blocks_config(args)))
     lm.compile(sampler="greedy")
-    return hub_generate(lm, prompt, 1), hub_generate(lm, prompt, args.new)
+    step = decode_step_seconds(lm, prompt, args.segment_len + 1) if args.step_time else None
+    return hub_generate(lm, prompt, 1), hub_generate(lm, prompt, args.new), step
 
 
 def run_gpt2(args, prompt):
@@ -102,7 +127,7 @@ def run_gpt2(args, prompt):
     )
     lm = keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
     lm.compile(sampler="greedy")
-    return hub_generate(lm, prompt, 1), hub_generate(lm, prompt, args.new)
+    return hub_generate(lm, prompt, 1), hub_generate(lm, prompt, args.new), None
 
 
 def run_legacy(args, prompt):
@@ -148,7 +173,8 @@ def run_legacy(args, prompt):
 
 
 HEADER = ("| backend | model | batch | prompt | prefill (s) | prompt + new (s) | "
-          "new tokens/s | ms per new token |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "new tokens/s | ms per new token | ms per cache step |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def main(argv=None):
@@ -159,14 +185,16 @@ def main(argv=None):
     prompt = np.random.default_rng(0).integers(0, 256, size=(args.batch, args.prompt))
     prompt = prompt.astype("int32")
     runner = {"infini": run_infini, "gpt2": run_gpt2, "legacy": run_legacy}[args.model]
-    prefill, total = runner(args, prompt)
+    prefill, total, *rest = runner(args, prompt)
+    step = rest[0] if rest else None
     per_token = max(total - prefill, 1e-9) / max(args.new - 1, 1)
     if args.header:
         print(HEADER)
     print(f"| {keras.backend.backend()} | {args.model} | {args.batch} | {args.prompt} | "
           f"{prefill:.3f} | {total:.3f} | {args.batch / per_token:,.0f} | "
-          f"{1000 * per_token:.2f} |", flush=True)
-    return {"prefill": prefill, "total": total, "per_token": per_token,
+          f"{1000 * per_token:.2f} | {'-' if step is None else f'{1000 * step:.2f}'} |",
+          flush=True)
+    return {"prefill": prefill, "total": total, "per_token": per_token, "step": step,
             "machine": platform.processor() or platform.machine()}
 
 
