@@ -120,6 +120,9 @@ def build_model(args):
         sampling_factor=args.sampling_factor,
         router_loss_weight=args.router_loss_weight,
         name="modinfiniformer_backbone",
+        memory_feature_map=args.memory_feature_map,
+        write_strength=args.write_strength,
+        gate_lr_scale=args.gate_lr_scale,
     )
     preprocessor = InfiniCausalLMPreprocessor(
         InfiniByteTokenizer(), sequence_length=args.seq_len
@@ -165,7 +168,9 @@ def init_gates(model, values):
                 f"Invalid --gate-init={','.join(f'{v:g}' for v in values)}: expected one "
                 f"number or {heads} (one per head)."
             )
-        gate.assign(np.broadcast_to(np.asarray(values, "float32"), gate.shape))
+        # The variable holds gate / gate_lr_scale (used as sigmoid(scale * raw)).
+        scale = float(getattr(block.attention, "gate_lr_scale", 1.0))
+        gate.assign(np.broadcast_to(np.asarray(values, "float32") / scale, gate.shape))
 
 
 def gate_summary(model):
@@ -173,8 +178,8 @@ def gate_summary(model):
     memory retrieval in the attention."""
     parts = []
     for block in blocks_of(model):
-        gate = np.asarray(keras.ops.convert_to_numpy(block.attention.gate), "float64")
-        share = 1.0 / (1.0 + np.exp(-gate))
+        share = np.asarray(keras.ops.convert_to_numpy(block.attention.gate_values()),
+                           "float64")
         parts.append(f"{share.mean():.3f} [{' '.join(f'{v:.2f}' for v in share)}]")
     return " | ".join(parts)
 
@@ -242,6 +247,12 @@ def parse_args(argv):
                         "number for every head, or one per head separated by commas (e.g. "
                         "'-4,-4,-4,2': three local heads, one memory head); default: the "
                         "layer's 0, an even mix")
+    p.add_argument("--memory-feature-map", choices=("elu1", "l2", "elu1_l2"), default="elu1",
+                   help="feature map of the memory's queries and keys (README 'Memory options')")
+    p.add_argument("--write-strength", action="store_true",
+                   help="learned per-token, per-head memory write strength")
+    p.add_argument("--gate-lr-scale", type=float, default=1.0,
+                   help="memory gate learning-rate scale (sigmoid(scale * raw))")
     p.add_argument("--no-memory", action="store_true",
                    help="pin every memory gate to -30: local attention only")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
@@ -314,6 +325,8 @@ def main(argv=None):
     print(f"model: {args.layers} blocks (odd ones MoD, sampling factor "
           f"{args.sampling_factor:g}), dim {args.dim}, {args.heads} heads, "
           f"{'YaRN' if args.yarn else 'RoPE'}, update={args.update}, "
+          f"feature map {args.memory_feature_map}, write_strength={args.write_strength}, "
+          f"gate_lr_scale={args.gate_lr_scale:g}, "
           f"memory {'OFF (gates pinned at -30)' if args.no_memory else 'on'}; "
           f"{model.count_params():,} parameters")
 

@@ -225,6 +225,10 @@ def build_model(args):
             causal=True,
             positional_embedder="rope",
             init_state_learnable=args.init_state_learnable,
+            memory_feature_map=args.memory_feature_map,
+            write_strength=args.write_strength,
+            gate_init=args.gate_init,
+            gate_lr_scale=args.gate_lr_scale,
             name=f"block_{i}",
         )
         for i in range(args.layers)
@@ -336,6 +340,13 @@ def parse_args(argv):
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--update", choices=("linear", "delta"), default="delta")
     p.add_argument("--init-state-learnable", action="store_true")
+    p.add_argument("--memory-feature-map", choices=("elu1", "l2", "elu1_l2"), default="elu1",
+                   help="feature map of the memory's queries and keys (README 'Memory options')")
+    p.add_argument("--write-strength", action="store_true",
+                   help="learned per-token, per-head write strength beta for the memory")
+    p.add_argument("--gate-init", type=float, default=0.0, help="initial memory gate logit")
+    p.add_argument("--gate-lr-scale", type=float, default=1.0,
+                   help="gate learning-rate scale (sigmoid(scale * raw))")
     p.add_argument("--lr", type=float, default=4e-3, help="peak learning rate")
     p.add_argument("--curriculum", type=_int_list, default=None,
                    help="comma-separated training lengths in segments cycled per step "
@@ -404,6 +415,11 @@ def main(argv=None):
     digit_acc = history.history.get("accuracy", [float("nan")])[-1]
     print(f"trained {per_epoch * epochs} steps in {train_s:.1f} s; "
           f"last-epoch weighted train accuracy {digit_acc * 100:.1f}%")
+    gates = [np.round(np.asarray(keras.ops.convert_to_numpy(
+        block.attention.gate_values()), "float64"), 3).tolist()
+        for block in model.layers if isinstance(block, InfiniTransformer)]
+    print("trained memory gates sigmoid per block (heads):",
+          "; ".join(" ".join(f"{g:.2f}" for g in block) for block in gates))
 
     start = time.perf_counter()
     results = evaluate(model, train_len, args.eval_lengths, args.depths,
@@ -424,6 +440,7 @@ def main(argv=None):
                 "backend": keras.backend.backend(),
                 "train_seconds": train_s,
                 "eval_seconds": eval_s,
+                "gates": gates,
                 "results": [
                     {"multiple": m, "length": m * train_len, "depth": d,
                      "digit_accuracy": results[(m, d)][0], "key_accuracy": results[(m, d)][1]}
@@ -437,7 +454,7 @@ def main(argv=None):
     print(f"total time {time.perf_counter() - t0:.1f} s (training {train_s:.1f} s, "
           f"evaluation {eval_s:.1f} s)")
     return {"results": results, "table": table, "png": png, "out": out,
-            "train_seconds": train_s, "eval_seconds": eval_s}
+            "train_seconds": train_s, "eval_seconds": eval_s, "gates": gates}
 
 
 if __name__ == "__main__":

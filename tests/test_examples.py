@@ -145,3 +145,22 @@ def test_gate_init_per_head(lm):
         lm.init_gates(model, [1.0, 2.0, 3.0])
     with pytest.raises(SystemExit):
         lm.parse_args(["--gate-init", "a,b"])
+
+
+def test_memory_options_reach_the_blocks(lm):
+    args = lm.parse_args(["--dim", "16", "--heads", "2", "--layers", "2", "--write-strength",
+                          "--gate-lr-scale", "10", "--memory-feature-map", "elu1"])
+    model = lm.build_model(args)
+    for block in lm.blocks_of(model):
+        assert block.attention.write_strength is True
+        assert block.attention.gate_lr_scale == 10.0
+        assert block.attention.memory_feature_map == "elu1"
+    # --gate-init is the gate logit whatever the scale: raw = logit / scale.
+    lm.init_gates(model, [-4.0, 2.0])
+    for block in lm.blocks_of(model):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(block.attention.gate),
+                                   [-0.4, 0.2], rtol=1e-6)
+    assert lm.gate_summary(model) == "0.449 [0.02 0.88] | 0.449 [0.02 0.88]"
+    defaults = lm.parse_args([])
+    assert (defaults.write_strength, defaults.gate_lr_scale, defaults.memory_feature_map) == (
+        False, 1.0, "elu1")

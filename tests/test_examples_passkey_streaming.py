@@ -115,6 +115,30 @@ def test_passkey_main_smoke(passkey, tmp_path, capsys):
         assert 0.0 <= key <= digit <= 1.0
 
 
+def test_passkey_memory_options_reach_the_blocks(passkey):
+    defaults = passkey.parse_args([])
+    assert (defaults.update, defaults.write_strength, defaults.gate_lr_scale,
+            defaults.gate_init, defaults.memory_feature_map) == ("delta", False, 1.0, 0.0, "elu1")
+    args = passkey.parse_args(["--dim", "16", "--heads", "2", "--layers", "2", "--update",
+                               "linear", "--write-strength", "--gate-lr-scale", "10",
+                               "--gate-init", "-1", "--memory-feature-map", "elu1"])
+    model = passkey.build_model(args)
+    blocks = [layer for layer in model.layers if isinstance(layer, passkey.InfiniTransformer)]
+    assert len(blocks) == 2
+    for block in blocks:
+        memory = block.attention
+        assert (memory.update, memory.write_strength, memory.gate_lr_scale,
+                memory.memory_feature_map) == ("linear", True, 10.0, "elu1")
+        np.testing.assert_allclose(keras_ops_numpy(memory.gate_values()), 1 / (1 + np.exp(1)),
+                                   rtol=1e-5)
+
+
+def keras_ops_numpy(x):
+    import keras
+
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
 def check_streaming_result(result, out, tokens, reference):
     assert "tokens/s" in out and f"peak RSS at {reference} tokens" in out and "ratio" in out
     assert result["tokens"] == tokens
