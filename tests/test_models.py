@@ -188,3 +188,25 @@ def test_backbone_layout_map_covers_every_weight(tie_weights):
     assert ("reverse_embeddings" in sharded) == (not tie_weights)
     with pytest.raises(ValueError, match="model_dim='tensor'"):
         InfiniBackbone.get_layout_map(mesh, model_parallel_dim_name="tensor")
+
+
+def test_generate_is_compiled_with_xla_on_tensorflow_unless_refused(lm):
+    """TensorFlow: `generate` runs as an XLA `tf.function` by default (Keras resolves
+    `jit_compile="auto"` to no XLA on CPU), and not when `compile(jit_compile=False)`;
+    greedy output is the same either way. Other backends: keras-hub's own function."""
+    ids = np.random.default_rng(5).integers(0, 256, size=(1, 2 * S + 1)).astype("int32")
+    inputs = {"token_ids": np.concatenate([ids, np.zeros((1, S), "int32")], axis=1),
+              "padding_mask": np.arange(3 * S + 1)[None] < 2 * S + 1}
+    preprocessor, lm.preprocessor = lm.preprocessor, None
+    outputs = {}
+    try:
+        for jit_compile in ("auto", False):
+            lm.compile(sampler="greedy", jit_compile=jit_compile)
+            function = lm.make_generate_function()
+            if keras.backend.backend() == "tensorflow":
+                assert function._jit_compile is (jit_compile == "auto")
+            outputs[jit_compile] = numpy(lm.generate(inputs, stop_token_ids=None)["token_ids"])
+    finally:
+        lm.preprocessor = preprocessor
+        lm.compile(sampler="greedy")
+    np.testing.assert_array_equal(outputs["auto"], outputs[False])
