@@ -281,9 +281,11 @@ class InfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
 
     def call(self, inputs, mask=None, positions=None, initial_state=None, training=None,
              return_state=None, cache=None, cache_update_index=None):
-        if cache is not None:
-            return self._cached_call(inputs, mask, cache, cache_update_index, positions,
-                                     initial_state, return_state)
+        if cache is not None:  # decoding: the attention's cache, see CompressiveMemory
+            return self._cached_call(
+                inputs, mask, cache, cache_update_index, positions=positions,
+                initial_state=initial_state, return_state=return_state,
+            )
         mask = validation.sequence_tensor("mask", mask, inputs)
         if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(inputs.dtype)):
             inputs = keras.ops.cast(inputs, self.compute_dtype)  # integer inputs

@@ -145,14 +145,8 @@ class InfiniCausalLM(CausalLM):
             return ops.squeeze(logits, axis=1), ops.squeeze(hidden_states, axis=1), cache
 
         token_ids = self.sampler(
-            next=next,
-            prompt=token_ids,
-            cache=cache,
-            index=index,
-            mask=padding_mask,
-            stop_token_ids=stop_token_ids,
-            hidden_states=hidden_states,
-            model=self,
+            next=next, prompt=token_ids, cache=cache, index=index, mask=padding_mask,
+            stop_token_ids=stop_token_ids, hidden_states=hidden_states, model=self,
         )
         if stop_token_ids is not None:
             end_locations = any_equal(
