@@ -111,8 +111,15 @@ def _einsum_attention(query, key, value, key_valid, causal, segment_len):
     # of the values, and the queries that really see a non-finite value get NaN back.
     finite = ops.isfinite(value)
     attended = ops.matmul(probs, ops.where(finite, value, ops.zeros_like(value)))
-    sees_bad = _sees_non_finite_value(value, key_valid, causal)
-    attended = ops.where(sees_bad, ops.cast(float("nan"), attended.dtype), attended)
+    bad = ops.logical_not(ops.all(finite, axis=-1))  # (b, n, h, S)
+    sees_bad = _sees_non_finite_value(None, key_valid, causal, bad=bad)
+    # NaN for those queries as a per-query factor (1 or NaN, exact): XLA on CPU fuses a
+    # multiply into the matmul's epilogue and runs the fused kernel markedly faster than
+    # the same matmul followed by a select (`benchmarks/bench_attention.py`, forward).
+    factor = ops.where(sees_bad, float("nan"), 1.0)
+    attended = attended * ops.cast(factor, attended.dtype)
+    if key_valid is None:
+        return attended  # every query sees at least its own key (causal) or all keys
     # Rows whose keys are all masked received a uniform softmax over _MASKED_LOGIT; zero
     # their output (S x dv, cheaper than zeroing the S x S probabilities; same gradients).
     has_key = ops.any(mask, axis=-1, keepdims=True)
