@@ -56,7 +56,7 @@ def expected_block_lora(targets):
 
 @pytest.mark.parametrize("update", ["linear", "delta"])
 def test_keras_einsum_lora_matches_merged_kernels(update):
-    """EinsumDense.enable_lora works with `bnsd,dhk->bnhsk` and `bnhsv,hvd->bnsd`."""
+    """EinsumDense.enable_lora works with `bnsd,dhk->bnshk` and `bnhsv,hvd->bnsd`."""
     layer = CompressiveMemory(D, DK, DV, H, S, update=update, causal=True,
                               positional_embedder="rope")
     layer.build((None, None, D))
@@ -68,8 +68,8 @@ def test_keras_einsum_lora_matches_merged_kernels(update):
     changed = enable_lora(layer, RANK)
     assert changed == [layer.query_dense, layer.key_dense, layer.value_dense,
                        layer.output_dense]
-    assert [d.equation for d in changed] == ["bnsd,dhk->bnhsk"] * 2 + [
-        "bnsd,dhv->bnhsv", "bnhsv,hvd->bnsd"]
+    assert [d.equation for d in changed] == ["bnsd,dhk->bnshk"] * 2 + [
+        "bnsd,dhv->bnshv", "bnhsv,hvd->bnsd"]
     # b starts at zero: LoRA does not change the layer until it is trained.
     np.testing.assert_allclose(to_numpy(layer(x)), before, atol=1e-6)
 

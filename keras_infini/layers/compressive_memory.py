@@ -19,6 +19,11 @@ from keras_infini import validation
 UPDATES = ("linear", "delta")
 
 
+def _heads(dense, x):
+    """A q/k/v projection of folded tokens `(b, n, S, D)` as `(b, n, h, S, d)`."""
+    return ops.swapaxes(dense(x), 2, 3)
+
+
 def _fold_now(position, segment_len):
     """Whether the token at in-segment `position` (int or tensor) ends its segment."""
     if isinstance(position, int):
@@ -252,9 +257,11 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
 
         # The projections run on the folded `(batch, n, S, ...)` layout, so the layer
         # never hands its (possibly masked) input tensor itself to a sublayer.
-        self.query_dense = projection("query", "bnsd,dhk->bnhsk", (None, h, self.segment_len, dk))
-        self.key_dense = projection("key", "bnsd,dhk->bnhsk", (None, h, self.segment_len, dk))
-        self.value_dense = projection("value", "bnsd,dhv->bnhsv", (None, h, self.segment_len, dv))
+        # Heads after tokens: each projection writes one contiguous `(b, n, S, h, d)` block,
+        # which `_heads` views as `(b, n, h, S, d)` (a plain matmul output, no permuted copy).
+        self.query_dense = projection("query", "bnsd,dhk->bnshk", (None, self.segment_len, h, dk))
+        self.key_dense = projection("key", "bnsd,dhk->bnshk", (None, self.segment_len, h, dk))
+        self.value_dense = projection("value", "bnsd,dhv->bnshv", (None, self.segment_len, h, dv))
         self.output_dense = projection("output", "bnhsv,hvd->bnsd", (None, self.segment_len, d))
         for dense in (self.query_dense, self.key_dense, self.value_dense):
             dense.build((None, None, self.segment_len, d))
@@ -448,9 +455,9 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             # before the projections, so no output and no weight gradient can see them. A
             # masked token's own output is the layer's output for a zero input.
             x = ops.where(valid[..., None], x, ops.zeros_like(x))
-        query = self.query_dense(x)  # (b, n, h, S, dk)
-        key = self.key_dense(x)
-        value = self.value_dense(x)  # (b, n, h, S, dv)
+        query = _heads(self.query_dense, x)  # (b, n, h, S, dk)
+        key = _heads(self.key_dense, x)
+        value = _heads(self.value_dense, x)  # (b, n, h, S, dv)
 
         # 1. Local attention, all segments at once.
         if self.positional_embedder is not None:
@@ -622,9 +629,9 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         seg = self.segment_len
         write = ops.logical_and(ops.cast(write, "bool"), ops.cast(take, "bool"))
         xs = ops.where(write[:, None, None], x, ops.zeros_like(x))[:, :, None, :]
-        query = self.query_dense(xs)  # (b, 1, h, 1, dk)
-        key = self.key_dense(xs)
-        value = self.value_dense(xs)  # (b, 1, h, 1, dv)
+        query = _heads(self.query_dense, xs)  # (b, 1, h, 1, dk)
+        key = _heads(self.key_dense, xs)
+        value = _heads(self.value_dense, xs)  # (b, 1, h, 1, dv)
         if self.positional_embedder is not None:
             p = ops.reshape(ops.cast(position, "int32"), (-1, 1, 1, 1))
             query_rot = self.positional_embedder(query, positions=p)
@@ -710,8 +717,8 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         mixed, _, _ = self._segments(x_cur, valid_cur, pos_cur, memory, norm)
         current_outputs = self.output_dense(mixed)  # (b, 1, S, D)
         x_in = ops.where(valid_cur[..., None], x_cur, ops.zeros_like(x_cur))
-        key = self.key_dense(x_in)  # (b, 1, h, S, dk)
-        value = self.value_dense(x_in)
+        key = _heads(self.key_dense, x_in)  # (b, 1, h, S, dk)
+        value = _heads(self.value_dense, x_in)
         key_rot = key
         if self.positional_embedder is not None:
             p = ops.arange(seg, dtype="int32") if pos_cur is None else pos_cur[:, :, None, :]

@@ -145,8 +145,11 @@ def _fused_attention(query, key, value, key_valid, causal, segment_len):
         t = ops.cast(t, "float32")
         if finite_only:
             t = ops.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
-        t = ops.reshape(t, (batch * num, heads, segment_len, t.shape[-1]))
-        return ops.transpose(t, (0, 2, 1, 3))
+        # Heads and tokens swapped first, then merged: the projections' einsum leaves
+        # `(b, n, h, S, d)` as a permuted view of a `(b, n, S, h, d)` buffer, which this
+        # order turns into `(b * n, S, h, d)` without a copy.
+        t = ops.swapaxes(t, 2, 3)
+        return ops.reshape(t, (batch * num, segment_len, heads, t.shape[-1]))
 
     if hides_keys:
         # A token is "bad" when the sum of its key or value row is not finite (a NaN or
@@ -174,8 +177,8 @@ def _fused_attention(query, key, value, key_valid, causal, segment_len):
     attended = ops.dot_product_attention(
         to_bthd(query), key, value, mask=mask, is_causal=causal
     )
-    attended = ops.transpose(attended, (0, 2, 1, 3))
-    attended = ops.reshape(attended, (batch, num, heads, segment_len, dim_value))
+    attended = ops.reshape(attended, (batch, num, segment_len, heads, dim_value))
+    attended = ops.swapaxes(attended, 2, 3)
     if hides_keys:
         sees_bad = _sees_non_finite_value(None, key_valid, causal, bad=bad)
         attended = ops.where(sees_bad, ops.cast(float("nan"), attended.dtype), attended)
