@@ -161,7 +161,14 @@ def _fused_attention(query, key, value, key_valid, causal, segment_len):
             ops.cast(value, "float32"), axis=-1
         )
         bad = ops.logical_not(ops.isfinite(sums))  # (b, n, h, S)
-        key, value = to_bthd(key, True), to_bthd(value, True)
+        # The replacement passes (and their backward) run only when some token is bad:
+        # an eager backend evaluates one branch, a traced one selects.
+        any_bad = ops.any(bad)
+        key, value = ops.cond(
+            any_bad,
+            lambda: (to_bthd(key, True), to_bthd(value, True)),
+            lambda: (to_bthd(key), to_bthd(value)),
+        )
     else:
         key, value = to_bthd(key), to_bthd(value)
     mask = None
@@ -180,8 +187,11 @@ def _fused_attention(query, key, value, key_valid, causal, segment_len):
     attended = ops.reshape(attended, (batch, num, segment_len, heads, dim_value))
     attended = ops.swapaxes(attended, 2, 3)
     if hides_keys:
-        sees_bad = _sees_non_finite_value(None, key_valid, causal, bad=bad)
-        attended = ops.where(sees_bad, ops.cast(float("nan"), attended.dtype), attended)
+        def with_nan():
+            sees_bad = _sees_non_finite_value(None, key_valid, causal, bad=bad)
+            return ops.where(sees_bad, ops.cast(float("nan"), attended.dtype), attended)
+
+        attended = ops.cond(any_bad, with_nan, lambda: attended)
     if key_valid is not None:
         # A query has a key iff a valid key lies at or before it (causal), or anywhere.
         valid_i = ops.cast(key_valid, "int32")
