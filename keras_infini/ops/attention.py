@@ -200,6 +200,7 @@ def _fused_attention(query, key, value, key_valid, causal, segment_len):
         attended = ops.where(has_key, attended, ops.zeros_like(attended))
     return ops.cast(attended, out_dtype)
 
+
 def cached_attention(query, key, value, key_valid):
     """Softmax attention of new queries over the current segment's cached keys (decoding).
 
@@ -216,20 +217,11 @@ def cached_attention(query, key, value, key_valid):
         `local_attention`: invalid slots (stale entries of an earlier segment included)
         enter through selects only; a query that sees a non-finite value gets NaN.
     """
-    dim_key = query.shape[-1]
-    query = ops.cast(query, "float32") * (1.0 / float(dim_key) ** 0.5)
-    scores = ops.einsum("bhqd,bshd->bhqs", query, ops.cast(key, "float32"))
-    mask = ops.cast(key_valid, "bool")[:, None, None, :]  # (b, 1, 1, S)
-    scores = ops.where(mask, scores, _MASKED_LOGIT)
-    probs = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
-    values = ops.swapaxes(value, 1, 2)  # (b, h, S, dv)
-    finite = ops.isfinite(values)
-    seen = ops.logical_and(finite, ops.cast(key_valid, "bool")[:, None, :, None])
-    attended = ops.matmul(probs, ops.where(seen, values, ops.zeros_like(values)))
-    bad = ops.logical_and(
-        ops.logical_not(ops.all(finite, axis=-1)), ops.cast(key_valid, "bool")[:, None, :]
-    )  # (b, h, S)
-    sees_bad = ops.any(bad, axis=-1)[:, :, None, None]
-    attended = ops.where(sees_bad, ops.cast(float("nan"), attended.dtype), attended)
-    has_key = ops.any(mask, axis=-1, keepdims=True)
-    return ops.where(has_key, attended, ops.zeros_like(attended))
+    # The local attention's einsum path with one "segment" (the cache) and no causal
+    # triangle: the same logits, isolation and empty-row handling.
+    keys, values = ops.swapaxes(key, 1, 2), ops.swapaxes(value, 1, 2)  # (b, h, S, d)
+    attended = _einsum_attention(
+        query[:, None], keys[:, None], values[:, None],
+        ops.cast(key_valid, "bool")[:, None], False, key.shape[1],
+    )
+    return attended[:, 0]
