@@ -265,3 +265,34 @@ def test_delta_states_eager_calls_trace_the_scan_once(monkeypatch, general):
     assert first > 0
     if keras.backend.backend() == "jax":
         assert len(traces) == first, "eager JAX calls retraced the scan body"
+
+
+def test_cached_attention_matches_reference_and_isolates_slots():
+    """Decode attention over the cache: softmax over the valid slots only (float64
+    reference), a NaN/inf in an invalid (stale) slot reaches nothing, a NaN value in a
+    valid slot gives NaN to that row and head only, a row without a valid slot gets 0."""
+    rng = np.random.default_rng(3)
+    b, h, s, dk, dv = 4, 2, 6, 5, 3
+    query = rng.normal(size=(b, h, 1, dk)).astype("float32")
+    key = rng.normal(size=(b, s, h, dk)).astype("float32")
+    value = rng.normal(size=(b, s, h, dv)).astype("float32")
+    valid = np.ones((b, s), bool)
+    valid[0, 4:] = False
+    key[0, 5], value[0, 4] = np.inf, np.nan  # stale slots of row 0
+    valid[1] = False  # row 1: empty segment
+    value[2, 1, 0] = np.nan  # row 2 sees it (valid slot)
+    out = to_numpy(attention_ops.cached_attention(query, key, value, valid))
+
+    expected = np.zeros((b, h, 1, dv))
+    for i in range(b):
+        if not valid[i].any():
+            continue
+        k, v = key[i][valid[i]].astype("float64"), value[i][valid[i]].astype("float64")
+        logits = np.einsum("hqd,shd->hqs", query[i].astype("float64"), k) / np.sqrt(dk)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        expected[i] = np.einsum("hqs,shv->hqv", p, v)
+    assert np.isnan(out[2, 0]).all()  # head 0 of row 2 sees the NaN value
+    np.testing.assert_allclose(out[2, 1], expected[2, 1], atol=1e-5)  # head 1 does not
+    np.testing.assert_allclose(out[[0, 1, 3]], expected[[0, 1, 3]], atol=1e-5)
+    np.testing.assert_array_equal(out[1], 0.0)
