@@ -6,6 +6,7 @@ import pytest
 from conftest import to_numpy
 
 from keras_infini.ops import attention as attention_ops
+from keras_infini.ops import backend as fast_paths
 from keras_infini.ops import memory as memory_ops
 
 
@@ -185,11 +186,17 @@ def test_fast_scan_differentiates_under_jit(dynamic):
         fast_paths.scan(step, tf.zeros((2, 3)), tf.constant(xs_value[:0]))
 
 
-@pytest.mark.parametrize("implementation", ["fused", "einsum"])
+@pytest.mark.parametrize("implementation", ["fused", "einsum", "fused-no-branch"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_local_attention_implementations_match_reference(implementation, causal):
+def test_local_attention_implementations_match_reference(implementation, causal,
+                                                         monkeypatch):
     """Both paths (Keras' fused `dot_product_attention` and the einsum) on every backend:
-    values and isolation as the float64 reference, NaN/inf keys and values included."""
+    values and isolation as the float64 reference, NaN/inf keys and values included.
+    `fused-no-branch`: the fused path as on an accelerator, where it does not branch on
+    whether a token is bad (`branch_is_free` False)."""
+    if implementation == "fused-no-branch":
+        monkeypatch.setattr(fast_paths, "branch_is_free", lambda x: False)
+        implementation = "fused"
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((2, 3, 2, 5, 4)) for _ in range(3))
     valid = rng.random((2, 3, 5)) > 0.3
@@ -296,3 +303,8 @@ def test_cached_attention_matches_reference_and_isolates_slots():
     np.testing.assert_allclose(out[2, 1], expected[2, 1], atol=1e-5)  # head 1 does not
     np.testing.assert_allclose(out[[0, 1, 3]], expected[[0, 1, 3]], atol=1e-5)
     np.testing.assert_array_equal(out[1], 0.0)
+
+
+def test_branch_is_free_on_host_tensors():
+    """On this CPU-only machine a branch on a tensor's value needs no device sync."""
+    assert fast_paths.branch_is_free(keras.ops.convert_to_tensor(np.ones(3, "float32")))

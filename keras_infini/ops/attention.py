@@ -161,14 +161,17 @@ def _fused_attention(query, key, value, key_valid, causal, segment_len):
             ops.cast(value, "float32"), axis=-1
         )
         bad = ops.logical_not(ops.isfinite(sums))  # (b, n, h, S)
-        # The replacement passes (and their backward) run only when some token is bad:
-        # an eager backend evaluates one branch, a traced one selects.
-        any_bad = ops.any(bad)
-        key, value = ops.cond(
-            any_bad,
-            lambda: (to_bthd(key, True), to_bthd(value, True)),
-            lambda: (to_bthd(key), to_bthd(value)),
-        )
+        # The replacement passes (and their backward) run only when some token is bad,
+        # where that branch costs no device sync (host memory, or traced: compiled).
+        any_bad = ops.any(bad) if backend.branch_is_free(bad) else None
+        if any_bad is None:
+            key, value = to_bthd(key, True), to_bthd(value, True)
+        else:
+            key, value = ops.cond(
+                any_bad,
+                lambda: (to_bthd(key, True), to_bthd(value, True)),
+                lambda: (to_bthd(key), to_bthd(value)),
+            )
     else:
         key, value = to_bthd(key), to_bthd(value)
     mask = None
@@ -191,7 +194,9 @@ def _fused_attention(query, key, value, key_valid, causal, segment_len):
             sees_bad = _sees_non_finite_value(None, key_valid, causal, bad=bad)
             return ops.where(sees_bad, ops.cast(float("nan"), attended.dtype), attended)
 
-        attended = ops.cond(any_bad, with_nan, lambda: attended)
+        attended = with_nan() if any_bad is None else ops.cond(
+            any_bad, with_nan, lambda: attended
+        )
     if key_valid is not None:
         # A query has a key iff a valid key lies at or before it (causal), or anywhere.
         valid_i = ops.cast(key_valid, "int32")

@@ -21,6 +21,8 @@ Each function here tries the fast path of the active Keras backend and raises
   mesh's `seq_dim`, manual on that axis only, with `all_gather` for the summaries); the
   math and the one-shard fallback are in `keras_infini.ops.memory`.
 
+- `branch_is_free(x)`: whether branching on a value of `x` needs no device-to-host
+  synchronisation (traced, so the branch compiles, or held in host memory).
 - `is_traced(x)`: whether `x` is a placeholder of a trace (`jax.jit`, `tf.function`),
   whose value cannot be read now (checks of values then have to be skipped).
 - `compile_inference(fn, variables)`: `fn` compiled once per input shape for inference:
@@ -90,6 +92,16 @@ def no_grad():
     if module is None or not hasattr(module, "no_grad"):
         return contextlib.nullcontext()
     return module.no_grad()
+
+
+def branch_is_free(x):
+    """True when `ops.cond` on a value of `x` costs no device synchronisation: `x` is
+    traced (the branch compiles) or lives in host memory; False on an accelerator in
+    eager mode, where reading the predicate would stall the device queue."""
+    module = _module()
+    if module is None or not hasattr(module, "branch_is_free"):
+        return True
+    return module.branch_is_free(x)
 
 
 def is_traced(x):

@@ -69,5 +69,10 @@ def sequence_shard_map(fn, sharded, replicated, sequence):
     )
     return mapped(tuple(sharded), tuple(replicated))
 
+
 def is_traced(x):
     return isinstance(x, jax.core.Tracer)
+
+
+def branch_is_free(x):
+    return is_traced(x) or all(d.platform == "cpu" for d in x.devices())

@@ -63,3 +63,7 @@ def compile_inference(fn, variables):
 
 def is_traced(x):
     return not tf.executing_eagerly() or tf.is_symbolic_tensor(x)
+
+
+def branch_is_free(x):
+    return is_traced(x) or "GPU" not in x.device.upper() and "TPU" not in x.device.upper()

@@ -46,3 +46,7 @@ def compile_inference(fn, variables):
 def is_traced(x):
     del x
     return bool(torch.compiler.is_compiling())
+
+
+def branch_is_free(x):
+    return x.device.type == "cpu"
