@@ -95,7 +95,7 @@ def decode_step_seconds(lm, prompt, steps):
 
     length = prompt.shape[1]
     _, _, cache = lm.call_with_cache(prompt, lm.build_cache(prompt.shape[0]), 0)
-    step = fast_paths.compile_inference(lm.call_with_cache, lm.variables)
+    step = fast_paths.compile_static_inference(lm.call_with_cache, lm.variables)
     token = prompt[:, -1:]
 
     def run():

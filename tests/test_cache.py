@@ -54,7 +54,8 @@ def make(kind, update, emb=None, **options):
 
 
 def compiled(layer):
-    """`(full, prefill, step)` compiled once each (jax.jit / tf.function; eager on torch):
+    """`(full, prefill, step)` compiled once each (jax.jit / tf.function; on torch a
+    `make_fx` trace without Inductor, which proves the control flow static as jit does):
     the full call; a prefill at index 0 of a fixed-length input whose mask says how many
     tokens each row takes (so one program serves every prompt length); a one-token step
     at a tensor index (one program for every position)."""
@@ -68,7 +69,8 @@ def compiled(layer):
     def step(x, cache, index, mask):
         return layer(x, cache=cache, cache_update_index=index, mask=mask)
 
-    return [fast_paths.compile_inference(f, layer.variables) for f in (full, prefill, step)]
+    return [fast_paths.compile_static_inference(f, layer.variables, optimize=False)
+            for f in (full, prefill, step)]
 
 
 def numpy(x):
@@ -255,3 +257,27 @@ def test_cached_calls_refuse_arguments_they_cannot_honour(block, name, value):
     with pytest.raises(ValueError, match=f"Invalid {name}"):
         block(np.zeros((1, 1, DIM), "float32"), cache=block.build_cache(1),
               cache_update_index=0, **{name: value})
+
+
+@pytest.mark.parametrize("optimize", [False, True] if keras.backend.backend() == "torch"
+                         else [False])
+def test_compiled_step_reads_the_current_weights(optimize):
+    # A compiled decode step takes the variables' values at every call (weights trained
+    # or assigned after compiling are used) and equals the eager step. torch with
+    # `optimize=True` runs the traced graph through torch.compile (Inductor).
+    layer = make("block", "linear", "rope")
+    x = np.random.default_rng(3).normal(size=(1, S + 2, DIM)).astype("float32")
+    _, cache = layer(x[:, :S + 1], cache=layer.build_cache(1), cache_update_index=0)
+    step = fast_paths.compile_static_inference(
+        lambda t, c, i: layer(t, cache=c, cache_update_index=i), layer.variables,
+        optimize=optimize,
+    )
+    index = ops.convert_to_tensor(S + 1, "int32")
+    outputs = []
+    for gate in ([1.0, -0.5], [-2.0, 2.0]):
+        layer.attention.gate.assign(np.array(gate, "float32"))
+        got, _ = step(x[:, S + 1:], cache, index)
+        want, _ = layer(x[:, S + 1:], cache=cache, cache_update_index=S + 1)
+        np.testing.assert_allclose(numpy(got), numpy(want), atol=ATOL)
+        outputs.append(numpy(got))
+    assert np.abs(outputs[0] - outputs[1]).max() > 1e-3

@@ -106,10 +106,11 @@ def test_call_with_cache_logits_equal_the_full_call(lm):
 
 
 def test_generate_strings_with_keras_hub_samplers(lm):
-    lm.compile(sampler=keras_hub.samplers.TopKSampler(k=5, seed=1))
+    # Samplers and strings, not compilation (tested above): no compiled step per batch.
+    lm.compile(sampler=keras_hub.samplers.TopKSampler(k=5, seed=1), jit_compile=False)
     text = lm.generate("def ", max_length=24)
     assert isinstance(text, str) and text.startswith("def ")
-    lm.compile(sampler="top_p")
+    lm.compile(sampler="top_p", jit_compile=False)
     texts = lm.generate(["a", "import os"], max_length=20)
     assert [t[:len(p)] for t, p in zip(texts, ["a", "import os"])] == ["a", "import os"]
 
@@ -190,10 +191,11 @@ def test_backbone_layout_map_covers_every_weight(tie_weights):
         InfiniBackbone.get_layout_map(mesh, model_parallel_dim_name="tensor")
 
 
-def test_generate_is_compiled_with_xla_on_tensorflow_unless_refused(lm):
+def test_generate_is_compiled_unless_refused(lm):
     """TensorFlow: `generate` runs as an XLA `tf.function` by default (Keras resolves
-    `jit_compile="auto"` to no XLA on CPU), and not when `compile(jit_compile=False)`;
-    greedy output is the same either way. Other backends: keras-hub's own function."""
+    `jit_compile="auto"` to no XLA on CPU), and not when `compile(jit_compile=False)`.
+    torch: each decode step runs as one compiled graph by default, eagerly when refused.
+    Greedy output is the same either way, on every backend."""
     ids = np.random.default_rng(5).integers(0, 256, size=(1, 2 * S + 1)).astype("int32")
     inputs = {"token_ids": np.concatenate([ids, np.zeros((1, S), "int32")], axis=1),
               "padding_mask": np.arange(3 * S + 1)[None] < 2 * S + 1}
@@ -205,6 +207,9 @@ def test_generate_is_compiled_with_xla_on_tensorflow_unless_refused(lm):
             function = lm.make_generate_function()
             if keras.backend.backend() == "tensorflow":
                 assert function._jit_compile is (jit_compile == "auto")
+            compiled_step = lm._decode_step != lm._generation_step
+            assert compiled_step is (keras.backend.backend() == "torch"
+                                     and jit_compile == "auto")
             outputs[jit_compile] = numpy(lm.generate(inputs, stop_token_ids=None)["token_ids"])
     finally:
         lm.preprocessor = preprocessor

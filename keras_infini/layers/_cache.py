@@ -90,6 +90,8 @@ def consumed_tokens(inputs, mask):
     batch, length = inputs.shape[0], inputs.shape[1]
     if mask is None:
         return ops.ones((ops.shape(inputs)[0] if batch is None else batch, length), "bool")
+    if length == 1:
+        return ops.cast(mask, "bool")
     holes = ops.cumsum(ops.cast(ops.logical_not(ops.cast(mask, "bool")), "int32"), axis=1)
     return holes == 0
 

@@ -282,9 +282,11 @@ class RoPEEmbeddings(keras.layers.Layer):
         c = ops.repeat(cos, 2, axis=-1)
         s = ops.repeat(sin, 2, axis=-1) * ops.convert_to_tensor(self._sin_sign)
         if self.d_rot < self.dim:
-            pad = [[0, 0]] * (len(c.shape) - 1) + [[0, self.dim - self.d_rot]]
-            c = ops.pad(c, pad, constant_values=1.0)
-            s = ops.pad(s, pad)
+            # Concatenation, not `ops.pad`: Keras' eager `pad` builds an `Operation`
+            # (a new auto-named object per call), which makes `torch.compile` recompile.
+            rest = ops.zeros_like(c[..., :1]) + ops.zeros((self.dim - self.d_rot,), c.dtype)
+            c = ops.concatenate([c, rest + 1.0], axis=-1)
+            s = ops.concatenate([s, rest], axis=-1)
         if self._scale != 1.0:
             c = c * self._scale
             s = s * self._scale

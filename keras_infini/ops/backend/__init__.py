@@ -28,6 +28,11 @@ Each function here tries the fast path of the active Keras backend and raises
 - `compile_inference(fn, variables)`: `fn` compiled once per input shape for inference:
   `jax.jit` over the variables' current values (stateless), `tf.function`, or `fn` under
   `no_grad()` on torch.
+- `compile_static_inference(fn, variables, optimize=True)`: the same for an `fn` with
+  static control flow (no Python branch on a tensor value, no value read on the host),
+  compiled on torch too: `make_fx` traces the Keras code once per input shape into a
+  graph of aten ops, compiled with `torch.compile` (Inductor). The decode step of
+  `InfiniCausalLM.generate`, whose loop keras-hub runs eagerly on torch.
 """
 
 import contextlib
@@ -126,6 +131,21 @@ def compile_inference(fn, variables=()):
 
         return eager
     return module.compile_inference(fn, list(variables))
+
+
+def compile_static_inference(fn, variables=(), optimize=True):
+    """`fn(*args)` compiled once per input structure and shape for inference, for an `fn`
+    whose control flow does not depend on tensor values (checks of values are skipped
+    while tracing: `is_traced`). As `compile_inference` on JAX and TensorFlow; on torch
+    a `make_fx` trace to aten ops, compiled with `torch.compile` when `optimize` (the
+    traced graph alone when not: no C++ compilation, for tests).
+
+    `variables`: the Keras variables `fn` reads, read at every call.
+    """
+    module = _module()
+    if module is not None and hasattr(module, "compile_static_inference"):
+        return module.compile_static_inference(fn, list(variables), optimize=optimize)
+    return compile_inference(fn, variables)
 
 
 def supports_jit():
