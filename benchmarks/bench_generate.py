@@ -4,14 +4,19 @@
     KERAS_BACKEND=jax python benchmarks/bench_generate.py --model infini --prompt 1024
     KERAS_BACKEND=jax python benchmarks/bench_generate.py --model gpt2 --prompt 1024
     KERAS_BACKEND=jax python benchmarks/bench_generate.py --model legacy --prompt 1024
+    git worktree add /tmp/previous aed8d0b^   # the code before the decode cache
+    KERAS_BACKEND=jax python benchmarks/bench_generate.py --model previous \
+        --previous /tmp/previous --prompt 1024
 
 Models (random weights, nothing downloaded; the example's size by default): `infini`, an
 `InfiniCausalLM` (4 blocks, width 128, 4 heads, segment 128, MoD every second block,
 greedy sampler); `legacy`, the same blocks as a plain Keras chain decoded as
 `streaming.generate` did before the decode cache (each new token re-runs the current
 segment, padded to `segment_len`, from the state at its start; greedy argmax on the host);
-`gpt2`, `keras_hub.models.GPT2CausalLM` built from a config of the same width, depth and
-heads (intermediate 256) with its KV cache.
+`previous`, the `streaming.generate` of a checkout from before the decode cache
+(`--previous PATH`; the code the issue measured) on the same chain; `gpt2`,
+`keras_hub.models.GPT2CausalLM` built from a config of the same width, depth and heads
+(intermediate 256) with its KV cache.
 
 Timing: each measured call runs once before (compile / warm-up), then `--repeats` times
 (the minimum is kept). `prefill` is the time of
@@ -36,7 +41,11 @@ VOCAB = 259
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=("infini", "legacy", "gpt2"), default="infini")
+    p.add_argument("--model", choices=("infini", "legacy", "previous", "gpt2"),
+                   default="infini")
+    p.add_argument("--previous", default=None,
+                   help="previous: a checkout of keras_infini before the decode cache "
+                        "(e.g. `git worktree add /tmp/previous aed8d0b^`)")
     p.add_argument("--prompt", type=int, default=1024, help="prompt tokens")
     p.add_argument("--new", type=int, default=256, help="new tokens")
     p.add_argument("--batch", type=int, default=1)
@@ -130,24 +139,51 @@ def run_gpt2(args, prompt):
     return hub_generate(lm, prompt, 1), hub_generate(lm, prompt, args.new), None
 
 
-def run_legacy(args, prompt):
-    """The decoding of `streaming.generate` before the decode cache (greedy)."""
+def legacy_chain(args):
+    """The example's blocks as a plain Keras chain (tokens -> logits), as the decoding
+    before the decode cache took them."""
     from keras_infini import InfiniTransformer, MoDInfiniTransformer
-    from keras_infini.streaming import Streamer, compile_step
 
-    seg = args.segment_len
     tokens = keras.Input((None,), dtype="int32")
     x = keras.layers.Embedding(VOCAB, args.dim)(tokens)
     for i in range(args.layers):
         common = dict(dim_input=args.dim, dim_hidden=2 * args.dim,
                       dim_key=args.dim // args.heads, dim_value=args.dim // args.heads,
-                      num_heads=args.heads, activation="gelu", segment_len=seg,
+                      num_heads=args.heads, activation="gelu", segment_len=args.segment_len,
                       causal=True, positional_embedder="rope")
         block = (MoDInfiniTransformer(sampling_factor=2.0, **common) if i % 2 == 1
                  else InfiniTransformer(**common))
         x = block(x)
     x = keras.layers.LayerNormalization()(x)
-    model = keras.Model(tokens, keras.layers.Dense(VOCAB)(x))
+    return keras.Model(tokens, keras.layers.Dense(VOCAB)(x))
+
+
+def run_previous(args, prompt):
+    """`streaming.generate` of the checkout `--previous` itself (greedy), as the issue
+    measured it. Each call compiles its step again on JAX and TensorFlow (a new closure per
+    call), so `prefill` includes that compilation and new tokens/s excludes it."""
+    import sys
+
+    if not args.previous:
+        raise SystemExit("--model previous needs --previous PATH (a checkout before the "
+                         "decode cache, e.g. `git worktree add /tmp/previous aed8d0b^`)")
+    sys.path.insert(0, os.path.abspath(args.previous))
+    import keras_infini
+    from keras_infini.streaming import generate
+
+    if not keras_infini.__file__.startswith(os.path.abspath(args.previous)):
+        raise SystemExit(f"keras_infini was imported from {keras_infini.__file__}")
+    model = legacy_chain(args)
+    return (best_of(lambda: generate(model, prompt, 1, temperature=0)),
+            best_of(lambda: generate(model, prompt, args.new, temperature=0)))
+
+
+def run_legacy(args, prompt):
+    """The decoding of `streaming.generate` before the decode cache (greedy)."""
+    from keras_infini.streaming import Streamer, compile_step
+
+    seg = args.segment_len
+    model = legacy_chain(args)
     step = compile_step(Streamer(model))
 
     def generate(new):
@@ -184,7 +220,8 @@ def main(argv=None):
     keras.utils.set_random_seed(0)
     prompt = np.random.default_rng(0).integers(0, 256, size=(args.batch, args.prompt))
     prompt = prompt.astype("int32")
-    runner = {"infini": run_infini, "gpt2": run_gpt2, "legacy": run_legacy}[args.model]
+    runner = {"infini": run_infini, "gpt2": run_gpt2, "legacy": run_legacy,
+              "previous": run_previous}[args.model]
     prefill, total, *rest = runner(args, prompt)
     step = rest[0] if rest else None
     per_token = max(total - prefill, 1e-9) / max(args.new - 1, 1)

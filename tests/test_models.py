@@ -166,6 +166,8 @@ def test_bench_generate_runs_one_tiny_configuration(capsys):
                          "--repeats", "1"])
     assert result["total"] > 0 and result["per_token"] > 0
     assert "| infini | 1 | 9 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--previous PATH"):
+        bench.main(["--model", "previous", "--prompt", "9", "--new", "4"])
 
 
 @pytest.mark.parametrize("tie_weights", [True, False])

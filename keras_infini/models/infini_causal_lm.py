@@ -27,12 +27,12 @@ class InfiniCausalLM(CausalLM):
     explicitly: 358 -> about 1,700 new tokens/s for the example's model size (README,
     "Generation speed"). Training keeps Keras' resolution of `jit_compile`.
 
-    torch: keras-hub's loop runs eagerly, and an eager step of Keras ops costs ~20 ms of
+    torch: keras-hub's loop runs eagerly, and an eager step of Keras ops costs ~22 ms of
     Python dispatch for the example's model. The decode step (`call_with_cache` of one
-    token) is traced once to a graph of aten ops and compiled with `torch.compile`
-    (`keras_infini.ops.backend.compile_static_inference`): ~1.3 ms per step, after a
-    one-time compilation of ~40 s on a 2-core CPU (Inductor caches it on disk for later
-    processes). `compile(jit_compile=False)` keeps every step eager.
+    token) is traced once per batch shape to a graph of aten ops and compiled with
+    `torch.compile` (`keras_infini.ops.backend.compile_static_inference`): ~0.9 ms per
+    step, after a one-time compilation of ~35 s on a 2-core CPU (~5 s when Inductor's
+    on-disk cache holds it). `compile(jit_compile=False)` keeps every step eager.
 
     Generation uses each block's decode cache (`build_cache`): the prompt is prefilled
     segment-parallel with its padding mask, so every row keeps exactly its own tokens, and
