@@ -8,7 +8,6 @@ import torch
 import torch.utils._pytree as pytree
 from keras import ops
 from keras import tree
-from torch.fx.experimental.proxy_tensor import make_fx
 
 # Depth of `compile_static_inference` traces in progress: `make_fx` runs the Keras code
 # on fake tensors, whose values cannot be read (see `is_traced`, `branch_is_free`).
@@ -127,6 +126,8 @@ def _trace_static(fn, variables, values, leaves, spec, optimize):
             outputs = fn(*pytree.tree_unflatten(full, spec))
         flat_outputs, entry["outputs"] = pytree.tree_flatten(outputs)
         return flat_outputs
+
+    from torch.fx.experimental.proxy_tensor import make_fx
 
     _TRACING[0] += 1
     try:
