@@ -305,6 +305,39 @@ def test_cached_attention_matches_reference_and_isolates_slots():
     np.testing.assert_array_equal(out[1], 0.0)
 
 
+def test_cached_attention_with_finite_freed_slots_matches_the_general_path():
+    """`freed_slots_finite=True` (the decode cache zeroes freed slots) skips the scan of
+    the values and gives the general path's results: the float64 softmax over valid
+    slots, NaN for a row and head that sees a NaN or inf value or key, 0 without a slot."""
+    rng = np.random.default_rng(4)
+    b, h, s, dk, dv = 5, 2, 6, 5, 3
+    query = rng.normal(size=(b, h, 1, dk)).astype("float32")
+    key = rng.normal(size=(b, s, h, dk)).astype("float32")
+    value = rng.normal(size=(b, s, h, dv)).astype("float32")
+    valid = rng.random((b, s)) < 0.7
+    valid[:, 0] = True
+    valid[1] = False  # an empty segment
+    value[~valid] = 0.0  # what the cache holds in freed slots
+    value[2, 0, 0, 1] = np.nan  # valid slot: row 2, head 0
+    value[3, 0, 1, 2] = np.inf  # valid slot: row 3, head 1 (p * inf would be inf)
+    key[4, 0, 0, 0] = np.nan  # valid key: row 4, head 0
+    general = to_numpy(attention_ops.cached_attention(query, key, value, valid))
+    fast = to_numpy(attention_ops.cached_attention(query, key, value, valid,
+                                                   freed_slots_finite=True))
+    assert np.isnan(fast[2, 0]).all() and np.isnan(fast[3, 1]).all()
+    assert np.isnan(fast[4, 0]).all()
+    np.testing.assert_array_equal(fast[1], 0.0)
+    np.testing.assert_array_equal(np.isnan(fast), np.isnan(general))
+    finite = ~np.isnan(general)
+    np.testing.assert_allclose(fast[finite], general[finite], atol=1e-6)
+    for i, j in ((0, 0), (0, 1), (2, 1), (3, 0), (4, 1)):  # float64 reference
+        k = key[i][valid[i]][:, j].astype("float64")
+        v = value[i][valid[i]][:, j].astype("float64")
+        logits = k @ query[i, j, 0].astype("float64") / np.sqrt(dk)
+        p = np.exp(logits - logits.max())
+        np.testing.assert_allclose(fast[i, j, 0], (p / p.sum()) @ v, atol=1e-5)
+
+
 def test_branch_is_free_on_host_tensors():
     """On this CPU-only machine a branch on a tensor's value needs no device sync."""
     assert fast_paths.branch_is_free(keras.ops.convert_to_tensor(np.ones(3, "float32")))

@@ -648,7 +648,8 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         values = ops.where(hit[:, :, None, None], ops.swapaxes(value[:, 0], 1, 2),
                            cache["value"])
         valid = ops.logical_or(cache["valid"], hit)
-        attended = attention_ops.cached_attention(query_rot[:, 0], keys, values, valid)
+        attended = attention_ops.cached_attention(query_rot[:, 0], keys, values, valid,
+                                                  freed_slots_finite=True)
 
         # Read the memory (the state before this segment) and add the token's update.
         memory, norm = cache["memory"], cache["norm"]
@@ -680,7 +681,9 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             "memory_update": ops.where(f4, ops.zeros_like(memory_update), memory_update),
             "norm_update": ops.where(f3, ops.zeros_like(norm_update), norm_update),
             "key": keys,
-            "value": values,
+            # Freed slots hold zeros: a stale non-finite value cannot reach a later query
+            # through a zero probability (`cached_attention(freed_slots_finite=True)`).
+            "value": ops.where(f4, ops.zeros_like(values), values),
             "valid": ops.logical_and(valid, ops.logical_not(fold_now[:, None])),
             "length": cache["length"] + ops.cast(take, "int32"),
         }
