@@ -6,8 +6,8 @@ from keras_hub.models import CausalLM
 from keras_hub.src.utils.tensor_utils import any_equal
 
 from keras_infini.models.infini_backbone import InfiniBackbone
-from keras_infini.ops import backend as fast_paths
 from keras_infini.models.infini_causal_lm_preprocessor import InfiniCausalLMPreprocessor
+from keras_infini.ops import backend as fast_paths
 
 
 @keras.saving.register_keras_serializable(package="keras_infini")

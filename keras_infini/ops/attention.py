@@ -96,7 +96,15 @@ def local_attention(query, key, value, key_valid, causal, implementation="auto")
     return _einsum_attention(query, key, value, key_valid, causal, segment_len)
 
 
-def _einsum_attention(query, key, value, key_valid, causal, segment_len):
+def _einsum_attention(query, key, value, key_valid, causal, segment_len,
+                      masked_values_finite=False):
+    """Softmax attention of `(batch, n, heads, S, d)` tensors with the isolation rules.
+
+    `masked_values_finite`: the caller guarantees that the values of keys outside
+    `key_valid` are finite (the decode cache). Then no pass scans the values: a zero
+    probability meets only finite values, so a non-finite output comes from a visible key
+    or value, and that query gets NaN in every channel (`p * inf` alone would be inf).
+    """
     dim_key = query.shape[-1]
     mask = attention_mask(key_valid, causal, segment_len)
     # The scale goes on the queries (S x dk) rather than the scores (S x S): one fewer
@@ -107,6 +115,12 @@ def _einsum_attention(query, key, value, key_valid, causal, segment_len):
         return ops.matmul(ops.cast(ops.softmax(scores, axis=-1), value.dtype), value)
     scores = ops.where(mask, scores, _MASKED_LOGIT)
     probs = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
+    if masked_values_finite:
+        attended = ops.matmul(probs, value)
+        sees_bad = ops.logical_not(ops.all(ops.isfinite(attended), axis=-1, keepdims=True))
+        attended = ops.where(sees_bad, float("nan"), attended)
+        has_key = ops.any(mask, axis=-1, keepdims=True)
+        return ops.where(has_key, attended, ops.zeros_like(attended))
     # A zero probability times a non-finite value is NaN: the matmul gets the finite part
     # of the values, and the queries that really see a non-finite value get NaN back.
     finite = ops.isfinite(value)
@@ -230,27 +244,9 @@ def cached_attention(query, key, value, key_valid, freed_slots_finite=False):
     # The local attention's einsum path with one "segment" (the cache) and no causal
     # triangle: the same logits, isolation and empty-row handling.
     keys, values = ops.swapaxes(key, 1, 2), ops.swapaxes(value, 1, 2)  # (b, h, S, d)
-    if freed_slots_finite:
-        return _cached_attention_finite_freed(query, keys, values, key_valid)
     attended = _einsum_attention(
         query[:, None], keys[:, None], values[:, None],
         ops.cast(key_valid, "bool")[:, None], False, key.shape[1],
+        masked_values_finite=freed_slots_finite,
     )
     return attended[:, 0]
-
-
-def _cached_attention_finite_freed(query, keys, values, key_valid):
-    """`cached_attention` when the slots outside `key_valid` hold finite values: no pass
-    over the cached values (a quarter of a JAX decode step for the example's model)."""
-    valid = ops.cast(key_valid, "bool")[:, None, None, :]  # (b, 1, 1, S)
-    query = ops.cast(query, "float32") * (1.0 / float(query.shape[-1]) ** 0.5)
-    scores = ops.einsum("bhqd,bhkd->bhqk", query, ops.cast(keys, "float32"))
-    scores = ops.where(valid, scores, _MASKED_LOGIT)
-    probs = ops.cast(ops.softmax(scores, axis=-1), values.dtype)
-    attended = ops.matmul(probs, values)  # (b, h, T, dv)
-    # Only a valid slot can hold a non-finite key or value here; a query that sees one
-    # gets NaN in every channel (as `_einsum_attention`; `p * inf` alone would be inf).
-    sees_bad = ops.logical_not(ops.all(ops.isfinite(attended), axis=-1, keepdims=True))
-    attended = ops.where(sees_bad, float("nan"), attended)
-    has_key = ops.any(valid, axis=-1, keepdims=True)
-    return ops.where(has_key, attended, ops.zeros_like(attended))
