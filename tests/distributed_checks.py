@@ -197,6 +197,11 @@ if "sequence" in SECTIONS:
     compare_layer("seq_delta_noncausal_mask_learnable_rope_pad_2x4",
                   memory(update="delta", init_state_learnable=True,
                          positional_embedder="rope"), 120, (2, 4), masked=True)
+    # DeltaNet's token-level rule (unit keys, write strength): the triangular solve runs
+    # per segment on each device, then the same `sharded_affine_states`.
+    compare_layer("seq_deltanet_l2_causal_mask_odd_2x4",
+                  memory(update="delta", causal=True, memory_feature_map="l2",
+                         write_strength=True), 123, (2, 4), masked=True)
     # Data + sequence + model parallel training: batch x seq x model = 2 x 2 x 2: the
     # MoD block (top-k routing, router loss, causal delta with write strength: the
     # general delta path) of make_model().

@@ -340,6 +340,7 @@ def test_model_parallel_matches_single_device(distributed, mesh):
 SEQUENCE_CHECKS = [
     "seq_linear_causal_mask_odd_1x8",
     "seq_delta_noncausal_mask_learnable_rope_pad_2x4",
+    "seq_deltanet_l2_causal_mask_odd_2x4",
 ]
 
 

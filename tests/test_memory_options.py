@@ -32,7 +32,9 @@ def reference(x, wq, wk, wv, wo, gate, *, segment_len, update, causal, feature_m
 
     phi: "elu1" (read `phi(q) M / (phi(q) z + eps)`), "l2" (`t / ||t||`, read
     `phi(q) M`) or "elu1_l2" (`sigma(t) / ||sigma(t)||`, read `phi(q) M`). Write strength beta_t = sigmoid(x_t wb + bb) (1 without `wb`):
-    linear M += beta phi(k)^T v; delta M += beta phi(k)^T (v - read(phi(k)));
+    linear M += beta phi(k)^T v; delta M += beta phi(k)^T (v - read(phi(k))), reading the
+    state before the segment ("elu1", the paper) or the current state (DeltaNet, the
+    unit-key maps: token by token);
     z += beta phi(k). Gate sigmoid(gate_scale * gate).
     """
     x = np.asarray(x, np.float64)
@@ -71,7 +73,8 @@ def reference(x, wq, wk, wv, wo, gate, *, segment_len, update, causal, feature_m
                                            for wi, u in zip(w / w.sum(), allowed))
                 # memory read with the state before the segment
                 a_mem = np.array([read(x[b, t] @ wq[:, h], m, z) for t in range(start, stop)])
-                # memory write, token by token inside the segment but all reading m_prev
+                # memory write, token by token inside the segment; the paper's rules
+                # ("elu1") all read m_prev, DeltaNet's (unit-key maps) the current m
                 m_prev, z_prev = m.copy(), z.copy()
                 for t in range(start, stop):
                     if not mask[b, t]:
@@ -82,8 +85,10 @@ def reference(x, wq, wk, wv, wo, gate, *, segment_len, update, causal, feature_m
                     fk = phi(k, feature_map)
                     if update == "linear":
                         m = m + beta * np.outer(fk, v)
-                    else:
+                    elif normalised:
                         m = m + beta * np.outer(fk, v - read(k, m_prev, z_prev))
+                    else:
+                        m = m + beta * np.outer(fk, v - read(k, m))
                     z = z + beta * fk
                 a = g[h] * a_mem + (1 - g[h]) * a_dot
                 out[b, start:stop] += a @ wo[h]
@@ -204,6 +209,28 @@ def test_l2_delta_with_unit_write_stores_the_value_exactly():
     _, final = memory_ops.delta_memory_states_general(k, k, v, z, m0, normalised=False)
     got = memory_ops.retrieve_unnormalised(k[:, 1], final[:, None])
     np.testing.assert_allclose(to_numpy(got).reshape(-1), to_numpy(v)[0, 1].reshape(-1), atol=1e-5)
+
+
+def test_token_level_delta_stays_bounded_where_the_segment_level_rule_diverges():
+    """Unit keys, beta = 1, the same key written by every token of 12 segments of 4:
+    token by token (DeltaNet) the memory holds v after the first token and stays there;
+    the segment-level step `m + 4 (v - m)` multiplies the error by -3 per segment."""
+    rng = np.random.default_rng(6)
+    k = memory_ops.l2_normalize(rng.normal(size=(1, 1, 1, 1, DK)).astype("float32"))
+    keys = keras.ops.broadcast_to(k, (1, 12, 1, S, DK))
+    v = rng.normal(size=(1, 1, 1, 1, DV)).astype("float32")
+    values = keras.ops.broadcast_to(keras.ops.convert_to_tensor(v), (1, 12, 1, S, DV))
+    m0 = keras.ops.zeros((1, 1, DK, DV))
+    z = keras.ops.zeros((1, 12, 1, DK))
+    read_k, value = memory_ops.token_level_delta_inputs(keys, keys, values)
+    before, final = memory_ops.delta_memory_states_general(read_k, keys, value, z, m0,
+                                                           normalised=False)
+    for state in (before[:, 1:], final[:, None]):
+        got = to_numpy(memory_ops.retrieve_unnormalised(keys[:, :1, :, :1], state))
+        np.testing.assert_allclose(got, np.broadcast_to(v, got.shape), atol=1e-5)
+    _, diverged = memory_ops.delta_memory_states_general(keys, keys, values, z, m0,
+                                                         normalised=False)
+    assert np.abs(to_numpy(diverged)).max() > 1e3 * np.abs(v).max()
 
 
 def test_gate_init_and_lr_scale():

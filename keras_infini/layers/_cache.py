@@ -8,9 +8,10 @@ A cached call, `outputs, cache = layer(x, cache=cache, cache_update_index=i)`, r
 - `memory (b, h, dk, dv)`, `norm (b, h, dk)`, float32: the state before the current
   segment (what the full call carries between segments);
 - `memory_update`, `norm_update` (same shapes, float32): the current segment's update so
-  far. Each token's term of the linear or delta update depends only on the state before
-  its segment (`ops.memory.linear_update` / `delta_update`), so it is added as the token
-  arrives, and the segment is folded (`ops.memory.fold`) when it fills;
+  far. Each token's term of the linear or paper delta update depends only on the state
+  before its segment (`ops.memory.linear_update` / `delta_update`), so it is added as the
+  token arrives; the token-level delta rule of the unit-key maps reads the state plus
+  this pending update. The segment is folded (`ops.memory.fold`) when it fills;
 - `key (b, S, h, dk)`, `value (b, S, h, dv)` in the compute dtype: the current segment's
   keys (rotated at their positions) and values, for the local softmax attention;
   `valid (b, S)` bool: the slots that hold a token of the current segment;

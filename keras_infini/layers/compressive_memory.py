@@ -130,7 +130,12 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             without normaliser, `A_mem = phi(Q) M`, delta error `V - phi(K) M`; unit keys
             make the delta rule replace a stored value instead of piling values up (with
             a positive map every two keys overlap). `"elu1_l2"`: `elu + 1` divided by its
-            L2 norm, read like `"l2"` (unit, positive, possibly sparse keys). The
+            L2 norm, read like `"l2"` (unit, positive, possibly sparse keys). With these
+            two maps the delta rule runs token by token inside a segment, as DeltaNet
+            does (each token reads the memory its segment's earlier tokens left; one
+            triangular solve per segment, `ops.memory.token_level_delta_inputs`): the
+            paper's segment-level form sums the segment's `beta k^T k` into one step,
+            which grows without bound over segments for similar unit keys. The
             normaliser `z` is still accumulated (from the write keys) so the state keeps
             its shape.
         write_strength: `False` (default) or `True`: a learned write strength per token
@@ -499,6 +504,8 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
                 read_k, value32, norm_before, memory0, sequence=sequence
             )
         else:
+            if not normalised:  # DeltaNet: token by token inside the segment
+                read_k, value32 = memory_ops.token_level_delta_inputs(read_k, write_k, value32)
             memory_before, memory_final = memory_ops.delta_memory_states_general(
                 read_k, write_k, value32, norm_before, memory0, normalised=normalised,
                 sequence=sequence,
@@ -527,13 +534,19 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             value = ops.where(keep, value, ops.zeros_like(value))
         return read_k, write_k, ops.cast(value, "float32")
 
-    def _memory_update(self, read_k, write_k, value32, memory, norm):
+    def _memory_update(self, read_k, write_k, value32, memory, norm, pending=None):
         """The update of `(memory, norm)` from these tokens of the current segment
-        (`(b, n, h, S, d)` keys and values; state `(b, h, ...)` before the segment)."""
+        (`(b, n, h, S, d)` keys and values; state `(b, h, ...)` before the segment).
+        `pending`: the memory update of the segment's earlier tokens (decode cache), which
+        the token-level delta rule of the unit-key maps reads; None: none."""
         normalised = self.memory_feature_map in memory_ops.NORMALISED_FEATURE_MAPS
         if self.update == "linear":
             memory_update = memory_ops.linear_update(write_k, value32)
         else:
+            if not normalised:  # token by token: read the state after the earlier tokens
+                read_k, value32 = memory_ops.token_level_delta_inputs(read_k, write_k, value32)
+                if pending is not None:
+                    memory = memory + pending
             memory_update = memory_ops.delta_update(
                 memory[:, None], read_k, write_k, value32, norm[:, None], normalised
             )
@@ -659,7 +672,9 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         else:
             retrieved = memory_ops.retrieve_unnormalised(phi_q, memory[:, None])
         read_k, write_k, value32 = self._memory_keys(xs, key, value, write[:, None, None])
-        memory_step, norm_step = self._memory_update(read_k, write_k, value32, memory, norm)
+        memory_step, norm_step = self._memory_update(
+            read_k, write_k, value32, memory, norm, pending=cache["memory_update"]
+        )
         memory_update = cache["memory_update"] + memory_step
         norm_update = cache["norm_update"] + norm_step
 

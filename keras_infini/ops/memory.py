@@ -237,8 +237,9 @@ def retrieve(sigma_q, memory_before, norm_before):
 # Feature maps for the memory's queries and keys (`CompressiveMemory(memory_feature_map=)`).
 # "elu1" is the paper's `sigma` with the normalised retrieval above. "l2" is DeltaNet's
 # (Yang et al. 2024): keys and queries divided by their L2 norm, read without a
-# normaliser, `A_mem = phi(Q) M`: with unit keys and write strengths in [0, 1] the delta
-# update is a contraction along each key (M stays bounded), and the retrieval of a stored
+# normaliser, `A_mem = phi(Q) M`, and its delta rule runs token by token inside a segment
+# (`token_level_delta_inputs`): with unit keys and write strengths in [0, 1] each step is
+# a contraction along its key (M stays bounded), and the retrieval of a stored
 # key returns its value, not a value divided by an accumulated `phi(q) z`. "elu1_l2" is
 # `(elu + 1)` divided by its L2 norm, also read without normaliser: unit keys for the delta
 # rule that keep ELU+1's ability to learn sparse (nearly orthogonal) positive features.
@@ -262,6 +263,42 @@ def feature_map(x, name):
     if name == "elu1_l2":
         return l2_normalize(sigma(x))
     raise ValueError(f"Unknown feature map {name!r}; expected one of {FEATURE_MAPS}.")
+
+
+def token_level_delta_inputs(read_k, write_k, value):
+    """The delta rule applied token by token inside each segment (DeltaNet, Yang et al.
+    2024), rewritten as inputs of the segment-level form `M + W^T (V' - K' M)`.
+
+    Token by token, `M_t = M_{t-1} + w_t^T (v_t - k_t M_{t-1})` (rows `k = read_k`,
+    `w = write_k = beta k`). The errors `e_t = v_t - k_t M_{t-1}` satisfy
+    `e_t = v_t - k_t M_0 - sum_{i<t} (k_t . w_i) e_i`, i.e. `(I + A) E = V - K M_0` with
+    `A = strictly_lower(K W^T)`, so after the segment `M = M_0 + W^T E` with
+    `[V' | K'] = (I + A)^{-1} [V | K]`: one triangular solve per segment (DeltaNet's UT
+    transform), independent of the memory, so the recurrence over segments, its
+    sequence-sharded form and the decode cache are those of the segment-level rule.
+    The segment-level rule (every token reads the state before its segment) sums
+    `sum_t beta_t k_t^T k_t` into one step, which for similar unit keys exceeds 2 along
+    a direction and grows without bound over segments; token by token each step is
+    `I - beta_t k_t^T k_t`, a contraction along `k_t` for unit keys and `beta_t` in
+    [0, 1]. Masked tokens (zero keys) change nothing.
+
+    Args:
+        read_k, write_k: float32 `(..., S, dk)`; value: float32 `(..., S, dv)`.
+    Returns:
+        `(read_k', value')` with the shapes of `read_k` and `value`.
+    """
+    length = read_k.shape[-2]
+    if length == 1:  # one token: A is empty
+        return read_k, value
+    dim_value = value.shape[-1]
+    steps = ops.einsum("...tk,...ik->...ti", read_k, write_k)  # k_t . w_i
+    rows = ops.arange(length)
+    earlier = rows[:, None] > rows[None, :]
+    system = ops.where(earlier, steps, 0.0) + ops.eye(length, dtype="float32")
+    solved = ops.solve_triangular(
+        system, ops.concatenate([value, read_k], axis=-1), lower=True
+    )
+    return solved[..., dim_value:], solved[..., :dim_value]
 
 
 def _delta_step_general(memory, read_k, write_k, value, norm, normalised):
