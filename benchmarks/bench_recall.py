@@ -74,6 +74,11 @@ CONFIGS = {
         {"update": "delta", "memory_feature_map": "l2", "write_strength": True,
          "gate_init": 0.0, "gate_lr_scale": 10.0},
     ),
+    "delta-l2-hard-gate": (
+        "cross", False,
+        {"update": "delta", "memory_feature_map": "l2", "write_strength": "hard_sigmoid",
+         "gate_lr_scale": 10.0},
+    ),
     "linear-gate": ("cross", False, {"update": "linear", "gate_lr_scale": 10.0}),
     "linear-beta-gate": ("cross", False, {"update": "linear", "write_strength": True,
                                           "gate_lr_scale": 10.0}),

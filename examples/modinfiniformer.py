@@ -215,6 +215,12 @@ def gate_values(text):
     return values
 
 
+def _write_strength(text):
+    if text not in ("sigmoid", "hard_sigmoid"):
+        raise argparse.ArgumentTypeError(f"expected sigmoid or hard_sigmoid, got {text!r}")
+    return text
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -249,8 +255,10 @@ def parse_args(argv):
                         "layer's 0, an even mix")
     p.add_argument("--memory-feature-map", choices=("elu1", "l2", "elu1_l2"), default="elu1",
                    help="feature map of the memory's queries and keys (README 'Memory options')")
-    p.add_argument("--write-strength", action="store_true",
-                   help="learned per-token, per-head memory write strength")
+    p.add_argument("--write-strength", nargs="?", const=True, default=False,
+                   type=_write_strength, metavar="{sigmoid,hard_sigmoid}",
+                   help="learned per-token, per-head memory write strength beta "
+                        "(alone: sigmoid)")
     p.add_argument("--gate-lr-scale", type=float, default=1.0,
                    help="memory gate learning-rate scale (sigmoid(scale * raw))")
     p.add_argument("--no-memory", action="store_true",

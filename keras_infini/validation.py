@@ -79,6 +79,22 @@ def choice(name, value, options):
     return value
 
 
+WRITE_STRENGTHS = ("sigmoid", "hard_sigmoid")
+
+
+def write_strength(value):
+    """`False`, `True` (= `"sigmoid"`) or `"hard_sigmoid"`; `"sigmoid"` is returned as
+    `True` so both spellings save the same config."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value in WRITE_STRENGTHS:
+        return True if value == "sigmoid" else value
+    raise ValueError(
+        f"Invalid write_strength={value!r}: expected False, True, 'sigmoid' or "
+        "'hard_sigmoid'."
+    )
+
+
 def sampling_factor(value, segment_len=None, allow_none=False):
     """MoD sampling factor: a finite number `> 1` (and `< segment_len` when given)."""
     if segment_len is None:

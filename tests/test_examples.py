@@ -164,3 +164,5 @@ def test_memory_options_reach_the_blocks(lm):
     defaults = lm.parse_args([])
     assert (defaults.write_strength, defaults.gate_lr_scale, defaults.memory_feature_map) == (
         False, 1.0, "elu1")
+    hard = lm.parse_args(["--write-strength", "hard_sigmoid", "--update", "delta"])
+    assert hard.write_strength == "hard_sigmoid" and hard.update == "delta"

@@ -131,6 +131,14 @@ def test_passkey_memory_options_reach_the_blocks(passkey):
                 memory.memory_feature_map) == ("linear", True, 10.0, "elu1")
         np.testing.assert_allclose(keras_ops_numpy(memory.gate_values()), 1 / (1 + np.exp(1)),
                                    rtol=1e-5)
+    args = passkey.parse_args(["--dim", "16", "--heads", "2", "--layers", "1",
+                               "--memory-feature-map", "l2", "--write-strength", "hard_sigmoid"])
+    (block,) = [layer for layer in passkey.build_model(args).layers
+                if isinstance(layer, passkey.InfiniTransformer)]
+    assert (block.attention.write_strength, block.attention.memory_feature_map) == (
+        "hard_sigmoid", "l2")
+    with pytest.raises(SystemExit):
+        passkey.parse_args(["--write-strength", "hard"])
 
 
 def keras_ops_numpy(x):

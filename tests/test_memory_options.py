@@ -26,12 +26,21 @@ def phi(t, name):
     return t / max(np.linalg.norm(t), 1e-6)
 
 
+def beta_of(raw, kind):
+    """Write strength from its logit: sigmoid (`True`) or Keras' hard sigmoid."""
+    if kind == "hard_sigmoid":
+        return min(max(raw / 6.0 + 0.5, 0.0), 1.0)
+    return 1.0 / (1.0 + np.exp(-raw))
+
+
 def reference(x, wq, wk, wv, wo, gate, *, segment_len, update, causal, feature_map,
-              gate_scale=1.0, wb=None, bb=None, mask=None, memory0=None, norm0=None):
+              gate_scale=1.0, wb=None, bb=None, beta_kind=True, mask=None, memory0=None,
+              norm0=None):
     """Infini-attention with the options, one batch element, head and token at a time.
 
     phi: "elu1" (read `phi(q) M / (phi(q) z + eps)`), "l2" (`t / ||t||`, read
-    `phi(q) M`) or "elu1_l2" (`sigma(t) / ||sigma(t)||`, read `phi(q) M`). Write strength beta_t = sigmoid(x_t wb + bb) (1 without `wb`):
+    `phi(q) M`) or "elu1_l2" (`sigma(t) / ||sigma(t)||`, read `phi(q) M`). Write strength
+    beta_t = f(x_t wb + bb) (1 without `wb`), f sigmoid or hard sigmoid (`beta_kind`):
     linear M += beta phi(k)^T v; delta M += beta phi(k)^T (v - read(phi(k))), reading the
     state before the segment ("elu1", the paper) or the current state (DeltaNet, the
     unit-key maps: token by token);
@@ -80,8 +89,8 @@ def reference(x, wq, wk, wv, wo, gate, *, segment_len, update, causal, feature_m
                     if not mask[b, t]:
                         continue
                     k, v = x[b, t] @ wk[:, h], x[b, t] @ wv[:, h]
-                    beta = 1.0 if wb is None else 1.0 / (1.0 + np.exp(-(x[b, t] @ wb[:, h]
-                                                                       + bb[h])))
+                    beta = 1.0 if wb is None else beta_of(x[b, t] @ wb[:, h] + bb[h],
+                                                          beta_kind)
                     fk = phi(k, feature_map)
                     if update == "linear":
                         m = m + beta * np.outer(fk, v)
@@ -113,7 +122,8 @@ def make_layer(update="delta", feature_map="l2", write_strength=True, gate_lr_sc
 def reference_for(layer, x, **kw):
     extra = {}
     if layer.write_strength:
-        extra = dict(wb=to_numpy(layer.beta_dense.kernel), bb=to_numpy(layer.beta_dense.bias))
+        extra = dict(wb=to_numpy(layer.beta_dense.kernel), bb=to_numpy(layer.beta_dense.bias),
+                     beta_kind=layer.write_strength)
     return reference(
         x, to_numpy(layer.query_dense.kernel), to_numpy(layer.key_dense.kernel),
         to_numpy(layer.value_dense.kernel), to_numpy(layer.output_dense.kernel),
@@ -128,7 +138,8 @@ def inputs(length, batch=B, seed=0):
 
 
 OPTIONS = list(itertools.product(["linear", "delta"], ["elu1", "l2", "elu1_l2"],
-                                 [False, True]))
+                                 [False, True])) + [("linear", "elu1", "hard_sigmoid"),
+                                                     ("delta", "l2", "hard_sigmoid")]
 
 
 @pytest.mark.parametrize("length", [8, 14])
@@ -373,6 +384,8 @@ def test_config_round_trip_and_saving(tmp_path):
         (dict(memory_feature_map=None), "memory_feature_map"),
         (dict(write_strength=1), "write_strength"),
         (dict(write_strength="yes"), "write_strength"),
+        (dict(write_strength="hard"), "write_strength"),
+        (dict(write_strength=None), "write_strength"),
         (dict(gate_init=[0.0]), "gate_init"),
         (dict(gate_init=[0.0, float("nan")]), "gate_init"),
         (dict(gate_init=True), "gate_init"),
@@ -388,3 +401,20 @@ def test_bad_arguments(kwargs, name):
         CompressiveMemory(D, DK, DV, H, S, **kwargs)
     with pytest.raises(ValueError, match=name):
         InfiniTransformer(D, 16, DK, DV, H, "gelu", S, **kwargs)
+
+
+def test_hard_sigmoid_write_strength_skips_tokens_exactly_and_saves():
+    """Tokens whose write logit is below -3 leave the memory exactly unchanged (the
+    sigmoid's small writes add up over long inputs); "sigmoid" is saved as True."""
+    layer = make_layer("delta", "l2", "hard_sigmoid", return_state=True)
+    layer.beta_dense.bias.assign(np.full((H,), -3.5, "float32"))
+    layer.beta_dense.kernel.assign(np.zeros((D, H), "float32"))
+    m0 = np.random.default_rng(2).normal(size=(B, H, DK, DV)).astype("float32")
+    z0 = np.ones((B, H, DK), "float32")
+    _, memory, norm = layer(inputs(4 * S), initial_state=(m0, z0))
+    np.testing.assert_array_equal(to_numpy(memory), m0)
+    np.testing.assert_array_equal(to_numpy(norm), z0)
+    assert layer.get_config()["write_strength"] == "hard_sigmoid"
+    clone = CompressiveMemory.from_config(layer.get_config())
+    assert clone.write_strength == "hard_sigmoid"
+    assert CompressiveMemory(D, DK, DV, H, S, write_strength="sigmoid").write_strength is True

@@ -138,12 +138,17 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             which grows without bound over segments for similar unit keys. The
             normaliser `z` is still accumulated (from the write keys) so the state keeps
             its shape.
-        write_strength: `False` (default) or `True`: a learned write strength per token
-            and head, `beta = sigmoid(x W_beta + b_beta)` (sublayer `beta_dense`, bias
-            zeros: 0.5 at initialisation), that scales each token's write:
+        write_strength: `False` (default), `True` (or `"sigmoid"`) or
+            `"hard_sigmoid"`: a learned write strength per token and head,
+            `beta = f(x W_beta + b_beta)` (sublayer `beta_dense`, bias zeros: 0.5 at
+            initialisation), that scales each token's write:
             delta `M += phi(K)^T diag(beta) (V - read)` (DeltaNet's
             `M += k^T beta (v - k M)` with `"l2"`), linear `M += phi(K)^T diag(beta) V`,
-            and `z += sum_t beta_t phi(K_t)`. Lets the model skip tokens (beta -> 0).
+            and `z += sum_t beta_t phi(K_t)`. Lets the model skip tokens. `f = sigmoid`
+            never reaches 0, and small writes of many skipped tokens add up over long
+            inputs; `"hard_sigmoid"` (`clip(t / 6 + 1/2, 0, 1)`, Keras' `hard_sigmoid`)
+            is exactly 0 below -3, so skipped tokens leave the memory unchanged whatever
+            the input length.
         gate_init: initial gate logit, a number or a list of `num_heads` numbers
             (default 0.0: `sigmoid(0) = 0.5` for every head).
         gate_lr_scale: positive number (default 1.0). The gate is stored as
@@ -224,7 +229,7 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         self.memory_feature_map = validation.choice(
             "memory_feature_map", memory_feature_map, memory_ops.FEATURE_MAPS
         )
-        self.write_strength = validation.boolean("write_strength", write_strength)
+        self.write_strength = validation.write_strength(write_strength)
         self.gate_lr_scale = float(validation.positive_real("gate_lr_scale", gate_lr_scale))
         self._embedder_arg = positional_embedder
         self.positional_embedder = resolve_positional_embedder(
@@ -524,7 +529,11 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         read_k = memory_ops.feature_map(key, self.memory_feature_map)  # (b, n, h, S, dk)
         write_k = read_k
         if self.write_strength:
-            beta = ops.sigmoid(ops.cast(self.beta_dense(x), "float32"))  # (b, n, S, h)
+            beta = ops.cast(self.beta_dense(x), "float32")  # (b, n, S, h)
+            if self.write_strength == "hard_sigmoid":
+                beta = ops.hard_sigmoid(beta)  # exactly 0 below -3
+            else:
+                beta = ops.sigmoid(beta)
             beta = ops.swapaxes(beta, 2, 3)  # (b, n, h, S)
             write_k = read_k * beta[..., None]
         if valid is not None:  # select, not multiply: a masked NaN must not leak
