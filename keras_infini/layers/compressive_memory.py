@@ -155,9 +155,10 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             `raw = gate_init / gate_lr_scale` and used as `sigmoid(gate_lr_scale * raw)`,
             so with Adam the gate logit moves `gate_lr_scale` times faster than the other
             weights (a scaled parametrisation; at 1.0 the layer is the paper's).
-            For multi-key recall across segments `update="linear"`,
-            `write_strength=True`, `gate_lr_scale=10.0` measured best (README, "Memory
-            options"; benchmarks/bench_recall.py).
+            For multi-key recall and passkey retrieval across segments
+            `update="delta"`, `memory_feature_map="l2"`, `write_strength="hard_sigmoid"`,
+            `gate_lr_scale=10.0` measured best (README, "Memory options";
+            benchmarks/bench_recall.py, examples/passkey.py).
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
