@@ -215,12 +215,6 @@ def gate_values(text):
     return values
 
 
-def _write_strength(text):
-    if text not in ("sigmoid", "hard_sigmoid"):
-        raise argparse.ArgumentTypeError(f"expected sigmoid or hard_sigmoid, got {text!r}")
-    return text
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -256,7 +250,7 @@ def parse_args(argv):
     p.add_argument("--memory-feature-map", choices=("elu1", "l2", "elu1_l2"), default="elu1",
                    help="feature map of the memory's queries and keys (README 'Memory options')")
     p.add_argument("--write-strength", nargs="?", const=True, default=False,
-                   type=_write_strength, metavar="{sigmoid,hard_sigmoid}",
+                   choices=("sigmoid", "hard_sigmoid"),
                    help="learned per-token, per-head memory write strength beta "
                         "(alone: sigmoid)")
     p.add_argument("--gate-lr-scale", type=float, default=1.0,

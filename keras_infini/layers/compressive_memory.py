@@ -510,8 +510,6 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
                 read_k, value32, norm_before, memory0, sequence=sequence
             )
         else:
-            if not normalised:  # DeltaNet: token by token inside the segment
-                read_k, value32 = memory_ops.token_level_delta_inputs(read_k, write_k, value32)
             memory_before, memory_final = memory_ops.delta_memory_states_general(
                 read_k, write_k, value32, norm_before, memory0, normalised=normalised,
                 sequence=sequence,
@@ -526,7 +524,8 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
     def _memory_keys(self, x, key, value, valid):
         """The memory's read keys `phi(K)`, write keys (times the write strength) and
         float32 values `(b, n, h, S, d)`, invalid tokens selected to 0 (a masked NaN
-        must not leak)."""
+        must not leak). For the token-level delta rule of the unit-key maps, the read
+        keys and values are its segment-level inputs (`token_level_delta_inputs`)."""
         read_k = memory_ops.feature_map(key, self.memory_feature_map)  # (b, n, h, S, dk)
         write_k = read_k
         if self.write_strength:
@@ -542,7 +541,12 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             read_k = ops.where(keep, read_k, 0.0)
             write_k = ops.where(keep, write_k, 0.0)
             value = ops.where(keep, value, ops.zeros_like(value))
-        return read_k, write_k, ops.cast(value, "float32")
+        value = ops.cast(value, "float32")
+        if self.update == "delta" and \
+                self.memory_feature_map not in memory_ops.NORMALISED_FEATURE_MAPS:
+            # DeltaNet: token by token inside the segment, as segment-level inputs.
+            read_k, value = memory_ops.token_level_delta_inputs(read_k, write_k, value)
+        return read_k, write_k, value
 
     def _memory_update(self, read_k, write_k, value32, memory, norm, pending=None):
         """The update of `(memory, norm)` from these tokens of the current segment
@@ -553,10 +557,8 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         if self.update == "linear":
             memory_update = memory_ops.linear_update(write_k, value32)
         else:
-            if not normalised:  # token by token: read the state after the earlier tokens
-                read_k, value32 = memory_ops.token_level_delta_inputs(read_k, write_k, value32)
-                if pending is not None:
-                    memory = memory + pending
+            if not normalised and pending is not None:  # token level: read the state
+                memory = memory + pending  # after the segment's earlier tokens
             memory_update = memory_ops.delta_update(
                 memory[:, None], read_k, write_k, value32, norm[:, None], normalised
             )
