@@ -32,8 +32,9 @@ Configurations (`--configs`, see `CONFIGS`):
 - `floor`: cross-segment data, gate pinned shut: local attention only, chance expected.
 - the memory configurations: cross-segment data, `CompressiveMemory` options as named.
   `delta-l2-hard-gate` (token-level delta rule on L2-normalised keys,
-  `write_strength="hard_sigmoid"`, `gate_lr_scale=10`) is the recommended configuration
-  (every run: benchmarks/RECALL_RESULTS.md).
+  `write_strength="hard_sigmoid"`, `gate_lr_scale=10`) is the recommended configuration;
+  `delta-l2-hard-decay-gate` adds `memory_decay=True` (Gated DeltaNet). Every run:
+  benchmarks/RECALL_RESULTS.md.
 
 Each (configuration, pairs, seed) runs in its own subprocess on the backend chosen by
 `KERAS_BACKEND`; the parent prints a markdown table (mean and per-seed accuracy at every
@@ -79,6 +80,11 @@ CONFIGS = {
         "cross", False,
         {"update": "delta", "memory_feature_map": "l2", "write_strength": "hard_sigmoid",
          "gate_lr_scale": 10.0},
+    ),
+    "delta-l2-hard-decay-gate": (
+        "cross", False,
+        {"update": "delta", "memory_feature_map": "l2", "write_strength": "hard_sigmoid",
+         "gate_lr_scale": 10.0, "memory_decay": True},
     ),
     "linear-gate": ("cross", False, {"update": "linear", "gate_lr_scale": 10.0}),
     "linear-beta-gate": ("cross", False, {"update": "linear", "write_strength": True,

@@ -123,6 +123,7 @@ def build_model(args):
         memory_feature_map=args.memory_feature_map,
         write_strength=args.write_strength,
         gate_lr_scale=args.gate_lr_scale,
+        memory_decay=args.memory_decay,
     )
     preprocessor = InfiniCausalLMPreprocessor(
         InfiniByteTokenizer(), sequence_length=args.seq_len
@@ -255,6 +256,9 @@ def parse_args(argv):
                         "(alone: sigmoid)")
     p.add_argument("--gate-lr-scale", type=float, default=1.0,
                    help="memory gate learning-rate scale (sigmoid(scale * raw))")
+    p.add_argument("--memory-decay", action="store_true",
+                   help="learned per-token memory decay (Gated DeltaNet; needs --update "
+                        "delta and --memory-feature-map l2 or elu1_l2)")
     p.add_argument("--no-memory", action="store_true",
                    help="pin every memory gate to -30: local attention only")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
@@ -328,7 +332,7 @@ def main(argv=None):
           f"{args.sampling_factor:g}), dim {args.dim}, {args.heads} heads, "
           f"{'YaRN' if args.yarn else 'RoPE'}, update={args.update}, "
           f"feature map {args.memory_feature_map}, write_strength={args.write_strength}, "
-          f"gate_lr_scale={args.gate_lr_scale:g}, "
+          f"gate_lr_scale={args.gate_lr_scale:g}, memory_decay={args.memory_decay}, "
           f"memory {'OFF (gates pinned at -30)' if args.no_memory else 'on'}; "
           f"{model.count_params():,} parameters")
 

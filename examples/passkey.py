@@ -233,6 +233,7 @@ def build_model(args):
             write_strength=args.write_strength,
             gate_init=args.gate_init,
             gate_lr_scale=args.gate_lr_scale,
+            memory_decay=args.memory_decay,
             name=f"block_{i}",
         )
         for i in range(args.layers)
@@ -353,6 +354,9 @@ def parse_args(argv):
     p.add_argument("--gate-init", type=float, default=0.0, help="initial memory gate logit")
     p.add_argument("--gate-lr-scale", type=float, default=1.0,
                    help="gate learning-rate scale (sigmoid(scale * raw))")
+    p.add_argument("--memory-decay", action="store_true",
+                   help="learned per-token memory decay (Gated DeltaNet; needs --update "
+                        "delta and --memory-feature-map l2 or elu1_l2)")
     p.add_argument("--lr", type=float, default=4e-3, help="peak learning rate")
     p.add_argument("--curriculum", type=_int_list, default=None,
                    help="comma-separated training lengths in segments cycled per step "

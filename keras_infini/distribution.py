@@ -41,6 +41,9 @@ _RULES = (
     # Write strength (D, h) and its bias (h,): per head, like the projections.
     (_PREFIX + r"write_strength/kernel", (None, "model")),
     (_PREFIX + r"write_strength/bias", ("model",)),
+    # Memory decay (D, h) and its per-head rate and bias (h,).
+    (_PREFIX + r"decay/kernel", (None, "model")),
+    (_PREFIX + r"decay_(?:log_rate|bias)", ("model",)),
     # InfiniTransformer MLP: in on the hidden axis (columns), out on its rows.
     (_PREFIX + r"mlp_in/kernel", (None, "model")),
     (_PREFIX + r"mlp_in/bias", ("model",)),
@@ -95,6 +98,7 @@ def get_layout_map(device_mesh, model_dim="model", batch_dim="batch"):
     | `query/kernel`, `key/kernel`, `value/kernel` | `(D, h, k)` | `(None, model, None)` |
     | `output/kernel` | `(h, v, D)` | `(model, None, None)` |
     | `write_strength/kernel`, `/bias` | `(D, h)`, `(h,)` | `(None, model)`, `(model,)` |
+    | `decay/kernel`; `decay_log_rate`, `decay_bias` | `(D, h)`; `(h,)` | `(None, model)`; `(model,)` |
     | `mlp_in/kernel`, `/bias` | `(D, F)`, `(F,)` | `(None, model)`, `(model,)` |
     | `mlp_out/kernel` | `(F, D)` | `(model, None)` |
     | `mlp_activation/kernel_gate`, `kernel_value` | `(F, F or ceil(2F/3))` | `(model, None)` |

@@ -202,6 +202,12 @@ if "sequence" in SECTIONS:
     compare_layer("seq_deltanet_l2_causal_mask_odd_2x4",
                   memory(update="delta", causal=True, memory_feature_map="l2",
                          write_strength=True), 123, (2, 4), masked=True)
+    # Gated DeltaNet (a decay per token): the segment's decay is part of each device's
+    # affine map.
+    compare_layer("seq_gated_deltanet_causal_mask_odd_2x4",
+                  memory(update="delta", causal=True, memory_feature_map="l2",
+                         write_strength="hard_sigmoid", memory_decay=True), 123, (2, 4),
+                  masked=True)
     # Data + sequence + model parallel training: batch x seq x model = 2 x 2 x 2: the
     # MoD block (top-k routing, router loss, causal delta with write strength: the
     # general delta path) of make_model().

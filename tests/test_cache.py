@@ -100,6 +100,9 @@ CASES = [
                                    "normalize_first": False}),
     ("mod", "linear", "rope", 1, {}),
     ("mod", "delta", "yarn", 4, {"memory_feature_map": "elu1_l2"}),
+    ("block", "delta", "rope", 4, {"memory_feature_map": "l2", "write_strength": "hard_sigmoid",
+                                   "memory_decay": True}),
+    ("mod", "delta", "rope", 1, {"memory_feature_map": "elu1_l2", "memory_decay": True}),
 ]
 
 

@@ -122,6 +122,8 @@ def every_layer_weights():
                               write_strength=True, init_state_learnable=True),
          (None, 16, 32)),
         (InfiniTransformer(32, 64, 8, 8, 8, "ffngeglu", 8), (None, 16, 32)),  # (F, 43)
+        (InfiniTransformer(32, 64, 8, 8, 8, "gelu", 8, update="delta",
+                           memory_feature_map="l2", memory_decay=True), (None, 16, 32)),
         (CompressiveMemory(32, 8, 8, 8, 8), (None, 16, 32)),
         (keras.layers.LayerNormalization(), (None, 16, 32)),
         (keras.layers.Dense(32), (None, 16, 32)),
@@ -134,6 +136,7 @@ def every_layer_weights():
 SHARDED_ON_MODEL = {  # path ending (regex) -> axis sharded over the model axis
     "/query/kernel": 1, "/key/kernel": 1, "/value/kernel": 1, "/output/kernel": 0,
     "/write_strength/kernel": 1, "/write_strength/bias": 0,
+    "/decay/kernel": 1, "/decay_log_rate": 0, "/decay_bias": 0,
     "/mlp_in/kernel": 1, "/mlp_in/bias": 0, "/mlp_out/kernel": 0,
     "/kernel_gate": 0, "/kernel_value": 0, "/kernel_out": 1,
     "/embeddings": 1, r"^dense(_\d+)?/kernel": 1, r"^dense(_\d+)?/bias": 0,
@@ -341,6 +344,7 @@ SEQUENCE_CHECKS = [
     "seq_linear_causal_mask_odd_1x8",
     "seq_delta_noncausal_mask_learnable_rope_pad_2x4",
     "seq_deltanet_l2_causal_mask_odd_2x4",
+    "seq_gated_deltanet_causal_mask_odd_2x4",
 ]
 
 

@@ -166,3 +166,7 @@ def test_memory_options_reach_the_blocks(lm):
         False, 1.0, "elu1")
     hard = lm.parse_args(["--write-strength", "hard_sigmoid", "--update", "delta"])
     assert hard.write_strength == "hard_sigmoid" and hard.update == "delta"
+    assert not defaults.memory_decay
+    decay = lm.parse_args(["--dim", "16", "--heads", "2", "--layers", "2", "--update", "delta",
+                           "--memory-feature-map", "l2", "--memory-decay"])
+    assert all(block.attention.memory_decay for block in lm.blocks_of(lm.build_model(decay)))

@@ -137,6 +137,12 @@ def test_passkey_memory_options_reach_the_blocks(passkey):
                 if isinstance(layer, passkey.InfiniTransformer)]
     assert (block.attention.write_strength, block.attention.memory_feature_map) == (
         "hard_sigmoid", "l2")
+    assert not block.attention.memory_decay and not defaults.memory_decay
+    args = passkey.parse_args(["--dim", "16", "--heads", "2", "--layers", "1",
+                               "--memory-feature-map", "l2", "--memory-decay"])
+    (block,) = [layer for layer in passkey.build_model(args).layers
+                if isinstance(layer, passkey.InfiniTransformer)]
+    assert block.attention.memory_decay is True
     with pytest.raises(SystemExit):
         passkey.parse_args(["--write-strength", "hard"])
 

@@ -3,6 +3,10 @@ against a NumPy float64 reference written loop by loop, like tests/reference.py.
 
 import itertools
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import keras
 import numpy as np
@@ -35,7 +39,7 @@ def beta_of(raw, kind):
 
 def reference(x, wq, wk, wv, wo, gate, *, segment_len, update, causal, feature_map,
               gate_scale=1.0, wb=None, bb=None, beta_kind=True, mask=None, memory0=None,
-              norm0=None):
+              norm0=None, decay=None):
     """Infini-attention with the options, one batch element, head and token at a time.
 
     phi: "elu1" (read `phi(q) M / (phi(q) z + eps)`), "l2" (`t / ||t||`, read
@@ -45,6 +49,8 @@ def reference(x, wq, wk, wv, wo, gate, *, segment_len, update, causal, feature_m
     state before the segment ("elu1", the paper) or the current state (DeltaNet, the
     unit-key maps: token by token);
     z += beta phi(k). Gate sigmoid(gate_scale * gate).
+    `decay=(wd, bd, log_rate)` (Gated DeltaNet, unit-key delta only): before each token's
+    write `M *= alpha_t`, `alpha_t = exp(-exp(log_rate_h) softplus(x_t wd + bd_h))`.
     """
     x = np.asarray(x, np.float64)
     bsz, length, _ = x.shape
@@ -92,6 +98,10 @@ def reference(x, wq, wk, wv, wo, gate, *, segment_len, update, causal, feature_m
                     beta = 1.0 if wb is None else beta_of(x[b, t] @ wb[:, h] + bb[h],
                                                           beta_kind)
                     fk = phi(k, feature_map)
+                    if decay is not None:
+                        wd, bd, log_rate = decay
+                        pre = x[b, t] @ wd[:, h] + bd[h]
+                        m = m * np.exp(-np.exp(log_rate[h]) * np.logaddexp(0.0, pre))
                     if update == "linear":
                         m = m + beta * np.outer(fk, v)
                     elif normalised:
@@ -116,6 +126,10 @@ def make_layer(update="delta", feature_map="l2", write_strength=True, gate_lr_sc
     if write_strength:
         layer.beta_dense.kernel.assign(rng.normal(size=(D, H)).astype("float32"))
         layer.beta_dense.bias.assign(rng.normal(size=(H,)).astype("float32"))
+    if layer.memory_decay:  # decays from ~0.99 to ~0.1 per token
+        layer.decay_dense.kernel.assign(0.5 * rng.normal(size=(D, H)).astype("float32"))
+        layer.decay_bias.assign(np.array([-3.0, 0.5], "float32"))
+        layer.decay_log_rate.assign(np.array([0.3, -0.2], "float32"))
     return layer
 
 
@@ -124,12 +138,15 @@ def reference_for(layer, x, **kw):
     if layer.write_strength:
         extra = dict(wb=to_numpy(layer.beta_dense.kernel), bb=to_numpy(layer.beta_dense.bias),
                      beta_kind=layer.write_strength)
+    if layer.memory_decay:
+        extra["decay"] = tuple(to_numpy(w) for w in (
+            layer.decay_dense.kernel, layer.decay_bias, layer.decay_log_rate))
     return reference(
         x, to_numpy(layer.query_dense.kernel), to_numpy(layer.key_dense.kernel),
         to_numpy(layer.value_dense.kernel), to_numpy(layer.output_dense.kernel),
         to_numpy(layer.gate), segment_len=layer.segment_len, update=layer.update,
         causal=layer.causal, feature_map=layer.memory_feature_map,
-        gate_scale=layer.gate_lr_scale, **extra, **kw,
+        gate_scale=layer.gate_lr_scale, **{**extra, **kw},
     )
 
 
@@ -346,7 +363,7 @@ def test_mixed_precision_state_is_float32():
 
 
 OPTION_KWARGS = dict(update="delta", memory_feature_map="l2", write_strength=True,
-                     gate_init=[1.0, -1.0], gate_lr_scale=5.0)
+                     gate_init=[1.0, -1.0], gate_lr_scale=5.0, memory_decay=True)
 
 
 def test_config_round_trip_and_saving(tmp_path):
@@ -359,7 +376,8 @@ def test_config_round_trip_and_saving(tmp_path):
     ]
     for layer in layers:
         config = layer.get_config()
-        for key in ("memory_feature_map", "write_strength", "gate_init", "gate_lr_scale"):
+        for key in ("memory_feature_map", "write_strength", "gate_init", "gate_lr_scale",
+                    "memory_decay"):
             assert config[key] == OPTION_KWARGS[key] or (
                 key == "gate_lr_scale" and config[key] == 5.0), key
         clone = type(layer).from_config(config)
@@ -375,6 +393,7 @@ def test_config_round_trip_and_saving(tmp_path):
         attention = loaded.get_layer("m")
         attention = getattr(attention, "attention", attention)
         assert attention.write_strength is True and attention.memory_feature_map == "l2"
+        assert attention.memory_decay is True
 
 
 @pytest.mark.parametrize(
@@ -418,3 +437,102 @@ def test_hard_sigmoid_write_strength_skips_tokens_exactly_and_saves():
     clone = CompressiveMemory.from_config(layer.get_config())
     assert clone.write_strength == "hard_sigmoid"
     assert CompressiveMemory(D, DK, DV, H, S, write_strength="sigmoid").write_strength is True
+
+
+# ----------------------------------------------------------------------------- decay
+DECAY_OPTIONS = [("l2", "hard_sigmoid"), ("l2", False), ("elu1_l2", True)]
+
+
+@pytest.mark.parametrize("length", [8, 14])
+@pytest.mark.parametrize("feature_map,write_strength", DECAY_OPTIONS)
+def test_decay_matches_reference(feature_map, write_strength, length):
+    """Gated DeltaNet: `M_t = alpha_t (I - beta_t k_t^T k_t) M_{t-1} + beta_t k_t^T v_t`
+    token by token, masked tokens (a fully masked segment too) keep the memory."""
+    layer = make_layer("delta", feature_map, write_strength, gate_lr_scale=3.0,
+                       return_state=True, memory_decay=True)
+    x = inputs(length)
+    mask = np.random.default_rng(3).uniform(size=(B, length)) > 0.3
+    mask[0, :4] = False
+    m0 = np.random.default_rng(8).normal(size=(B, H, DK, DV)).astype("float32")
+    z0 = np.ones((B, H, DK), "float32")
+    out, memory, norm = layer(x, mask=mask, initial_state=(m0, z0))
+    want, want_m, want_z = reference_for(layer, x, mask=mask, memory0=m0, norm0=z0)
+    np.testing.assert_allclose(to_numpy(out), want, atol=ATOL, rtol=1e-4)
+    np.testing.assert_allclose(to_numpy(memory), want_m, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(to_numpy(norm), want_z, atol=1e-4, rtol=1e-5)
+    # The same layer without the decay differs (the test can fail).
+    no_decay, _, _ = reference_for(layer, x, mask=mask, memory0=m0, norm0=z0, decay=None)
+    assert np.abs(no_decay - want).max() > 1e-2
+
+
+def test_decay_initialisation_and_segment_decay():
+    """At initialisation `softplus(decay_bias)` runs log-spaced over [0.001, 0.1] across
+    heads; `gated_token_level_delta_inputs` with zero keys only decays the memory."""
+    layer = CompressiveMemory(D, DK, DV, 4, S, update="delta", memory_feature_map="l2",
+                              memory_decay=True)
+    layer.build((None, None, D))
+    steps = np.log1p(np.exp(to_numpy(layer.decay_bias)))
+    np.testing.assert_allclose(steps, np.geomspace(1e-3, 1e-1, 4), rtol=1e-5)
+    np.testing.assert_array_equal(to_numpy(layer.decay_log_rate), np.zeros(4))
+    zeros_k = keras.ops.zeros((1, 1, 1, S, DK))
+    log_decay = keras.ops.convert_to_tensor(np.full((1, 1, 1, S), -0.25, "float32"))
+    read_k, write_k, value, seg = memory_ops.gated_token_level_delta_inputs(
+        zeros_k, zeros_k, keras.ops.ones((1, 1, 1, S, DV)), log_decay)
+    np.testing.assert_allclose(to_numpy(seg), [[[-0.25 * S]]], rtol=1e-6)
+    m0 = keras.ops.ones((1, 1, DK, DV))
+    _, final = memory_ops.delta_memory_states_general(
+        read_k, write_k, value, keras.ops.zeros((1, 1, 1, DK)), m0, normalised=False,
+        log_decay=seg)
+    np.testing.assert_allclose(to_numpy(final), np.full((1, 1, DK, DV), np.exp(-0.25 * S)),
+                               rtol=1e-5)
+
+
+def test_decay_gradients_and_bad_arguments():
+    layer = make_layer("delta", "l2", "hard_sigmoid", memory_decay=True)
+    layer.beta_dense.bias.assign(np.zeros((H,), "float32"))  # inside the linear range
+    x = inputs(12)
+    grads = gradients(lambda: keras.ops.mean(layer(x) ** 2), layer.trainable_variables)
+    # q, k, v, output, gate, beta kernel and bias, decay kernel, log rate, bias
+    assert len(grads) == 10
+    for var, g in zip(layer.trainable_variables, grads):
+        assert g is not None and np.all(np.isfinite(g)) and np.abs(g).max() > 0, var.path
+    for kwargs in (dict(update="linear", memory_feature_map="l2"),
+                   dict(update="delta", memory_feature_map="elu1")):
+        with pytest.raises(ValueError, match="memory_decay"):
+            CompressiveMemory(D, DK, DV, H, S, memory_decay=True, **kwargs)
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="memory_decay"):
+            InfiniTransformer(D, 16, DK, DV, H, "gelu", S, update="delta",
+                              memory_feature_map="l2", memory_decay=bad)
+
+
+def test_decay_compiled_fit_runs_several_steps(tmp_path):
+    """A compiled training step with the decay keeps making progress. With JAX's
+    triangular solve in `gated_token_level_delta_inputs` this exact `fit` (batches of
+    32 x 128) waited forever inside the first compiled step; the child process and its
+    timeout turn such a wait into a failure instead of a stuck suite."""
+    script = textwrap.dedent("""
+        import numpy as np, keras
+        from keras_infini import CompressiveMemory
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((None, 64))
+        layer = CompressiveMemory(64, 16, 16, 4, 32, update="delta", causal=True,
+                                  memory_feature_map="l2", write_strength="hard_sigmoid",
+                                  memory_decay=True, gate_lr_scale=10.0)
+        model = keras.Model(inp, layer(inp))
+        model.compile("adam", "mse", jit_compile=keras.backend.backend() != "torch")
+        x = np.random.default_rng(0).normal(size=(4 * 32, 128, 64)).astype("float32")
+        losses = model.fit(x, np.roll(x, 1, axis=1), batch_size=32, epochs=3,
+                           verbose=0).history["loss"]
+        np.save("losses.npy", np.array(losses))
+        """)
+    env = dict(os.environ, KERAS_BACKEND=BACKEND)
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path), env=env,
+                              capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("12 compiled training steps with memory_decay=True did not finish "
+                    "in 300 s")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    losses = np.load(tmp_path / "losses.npy")
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses

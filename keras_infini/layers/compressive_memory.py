@@ -1,6 +1,7 @@
 """CompressiveMemory: Infini-attention (arXiv 2404.07143) as a Keras 3 layer."""
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_infini.layers._cache import CachedCallMixin
@@ -17,6 +18,14 @@ from keras_infini import distribution
 from keras_infini import validation
 
 UPDATES = ("linear", "delta")
+
+
+def _decay_bias_initializer(shape, dtype=None):
+    """`b_h` with `softplus(b_h)` log-spaced over [0.001, 0.1] across the heads
+    (`memory_decay`; Mamba-2's / Gated DeltaNet's range of time steps)."""
+    heads = int(shape[0])
+    steps = np.exp(np.linspace(np.log(1e-3), np.log(1e-1), heads))
+    return ops.convert_to_tensor(np.log(np.expm1(steps)), dtype or "float32")
 
 
 def _heads(dense, x):
@@ -149,6 +158,17 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             inputs; `"hard_sigmoid"` (`clip(t / 6 + 1/2, 0, 1)`, Keras' `hard_sigmoid`)
             is exactly 0 below -3, so skipped tokens leave the memory unchanged whatever
             the input length.
+        memory_decay: `False` (default) or `True`: a learned decay per token and head
+            for the token-level delta rule (Gated DeltaNet, Yang et al. 2025),
+            `M_t = alpha_t (I - beta_t k_t^T k_t) M_{t-1} + beta_t k_t^T v_t` with
+            `alpha_t = exp(-exp(a_h) softplus(x_t W_alpha + b_h))` in (0, 1] (sublayer
+            `decay_dense`, weights `decay_log_rate` `a` (zeros) and `decay_bias` `b`,
+            initialised so that `softplus(b_h)` runs log-spaced over [0.001, 0.1] across
+            heads: from a memory kept over thousands of tokens to one of ~10 tokens). A
+            head can then keep recent tokens (a summary of the previous segment's last
+            tokens) or, with `alpha` near 1, keep facts. Requires `update="delta"` and
+            `memory_feature_map` `"l2"` or `"elu1_l2"`. Still one triangular solve per
+            segment and a scan over segments (`ops.memory.gated_token_level_delta_inputs`).
         gate_init: initial gate logit, a number or a list of `num_heads` numbers
             (default 0.0: `sigmoid(0) = 0.5` for every head).
         gate_lr_scale: positive number (default 1.0). The gate is stored as
@@ -206,7 +226,8 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         self, dim_input, dim_key, dim_value, num_heads, segment_len, sampling_factor=None,
         update="linear", causal=False, positional_embedder=None, init_state_learnable=False,
         return_state=False, group_tokens="auto", memory_feature_map="elu1",
-        write_strength=False, gate_init=0.0, gate_lr_scale=1.0, **kwargs,
+        write_strength=False, gate_init=0.0, gate_lr_scale=1.0, memory_decay=False,
+        **kwargs,
     ):
         kwargs = self.set_weight_args(kwargs, with_bias=False)
         super().__init__(**kwargs)
@@ -232,6 +253,15 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         )
         self.write_strength = validation.write_strength(write_strength)
         self.gate_lr_scale = float(validation.positive_real("gate_lr_scale", gate_lr_scale))
+        self.memory_decay = validation.boolean("memory_decay", memory_decay)
+        if self.memory_decay and (self.update != "delta" or self.memory_feature_map
+                                  in memory_ops.NORMALISED_FEATURE_MAPS):
+            raise ValueError(
+                f"Invalid memory_decay=True with update={self.update!r} and "
+                f"memory_feature_map={self.memory_feature_map!r}: the decay applies to the "
+                "token-level delta rule, update='delta' with memory_feature_map 'l2' or "
+                "'elu1_l2'."
+            )
         self._embedder_arg = positional_embedder
         self.positional_embedder = resolve_positional_embedder(
             positional_embedder, self.dim_key, self.segment_len
@@ -293,6 +323,23 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
                 dtype=self.dtype_policy,
             )
             self.beta_dense.build((None, None, self.segment_len, d))
+        if self.memory_decay:
+            self.decay_dense = keras.layers.EinsumDense(
+                "bnsd,dh->bnsh",
+                output_shape=(None, self.segment_len, h),
+                kernel_initializer="glorot_uniform",
+                name="decay",
+                dtype=self.dtype_policy,
+            )
+            self.decay_dense.build((None, None, self.segment_len, d))
+            self.decay_log_rate = self.add_weight(
+                name="decay_log_rate", shape=(h,), initializer="zeros", autocast=False,
+                dtype="float32",
+            )
+            self.decay_bias = self.add_weight(
+                name="decay_bias", shape=(h,), initializer=_decay_bias_initializer,
+                autocast=False, dtype="float32",
+            )
         if self.init_state_learnable:
             # autocast=False: recurrent state stays float32 under mixed precision.
             self.initial_memory = self.add_weight(
@@ -492,12 +539,21 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         mixed = gate * retrieved + (1.0 - gate) * attended
         return mixed, memory_final, norm_final
 
+    def decay_values(self, x):
+        """`log alpha` `(b, n, h, S)` float32 (`<= 0`) of the folded input `x`
+        `(b, n, S, D)` (`memory_decay=True`)."""
+        rate = ops.swapaxes(ops.cast(self.decay_dense(x), "float32"), 2, 3)
+        return -ops.exp(self.decay_log_rate)[:, None] * ops.softplus(
+            rate + self.decay_bias[:, None]
+        )
+
     def _memory(self, x, query, key, value, valid, memory0, norm0):
         """Memory read/write (the paper's, or with `memory_feature_map` / `write_strength`,
         see Args): returns `(retrieved (b, n, h, S, dv) compute dtype, memory_final,
         norm_final)`. Invalid tokens are selected out of both factors of every sum (a zero
         key times a NaN value is still NaN)."""
-        read_k, write_k, value32 = self._memory_keys(x, key, value, valid)
+        read_k, write_k, value32, decay = self._memory_keys(x, key, value, valid)
+        log_decay, memory_write_k = (None, write_k) if decay is None else decay
         normalised = self.memory_feature_map in memory_ops.NORMALISED_FEATURE_MAPS
         sequence = distribution.sequence_sharding()  # segments split over devices
         norm_before, norm_final = memory_ops.norm_states(write_k, norm0, sequence=sequence)
@@ -511,8 +567,8 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             )
         else:
             memory_before, memory_final = memory_ops.delta_memory_states_general(
-                read_k, write_k, value32, norm_before, memory0, normalised=normalised,
-                sequence=sequence,
+                read_k, memory_write_k, value32, norm_before, memory0, normalised=normalised,
+                sequence=sequence, log_decay=log_decay,
             )
         phi_q = memory_ops.feature_map(query, self.memory_feature_map)
         if normalised:
@@ -524,8 +580,12 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
     def _memory_keys(self, x, key, value, valid):
         """The memory's read keys `phi(K)`, write keys (times the write strength) and
         float32 values `(b, n, h, S, d)`, invalid tokens selected to 0 (a masked NaN
-        must not leak). For the token-level delta rule of the unit-key maps, the read
-        keys and values are its segment-level inputs (`token_level_delta_inputs`)."""
+        must not leak), and with `memory_decay` `(log decay of each segment (b, n, h),
+        the write keys of the memory's segment step)` (else None; the normaliser `z`
+        accumulates the undecayed write keys). For the token-level delta rule of the
+        unit-key maps, read keys and values are its segment-level inputs
+        (`token_level_delta_inputs`, or `gated_token_level_delta_inputs` with the
+        decay)."""
         read_k = memory_ops.feature_map(key, self.memory_feature_map)  # (b, n, h, S, dk)
         write_k = read_k
         if self.write_strength:
@@ -536,23 +596,33 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
                 beta = ops.sigmoid(beta)
             beta = ops.swapaxes(beta, 2, 3)  # (b, n, h, S)
             write_k = read_k * beta[..., None]
+        log_decay = self.decay_values(x) if self.memory_decay else None  # (b, n, h, S)
         if valid is not None:  # select, not multiply: a masked NaN must not leak
             keep = ops.cast(valid, "bool")[:, :, None, :, None]
             read_k = ops.where(keep, read_k, 0.0)
             write_k = ops.where(keep, write_k, 0.0)
             value = ops.where(keep, value, ops.zeros_like(value))
+            if log_decay is not None:  # a masked token keeps the memory as it is
+                log_decay = ops.where(keep[..., 0], log_decay, 0.0)
         value = ops.cast(value, "float32")
+        if log_decay is not None:  # Gated DeltaNet: token level, with a decay
+            read_k, memory_write_k, value, segment_decay = \
+                memory_ops.gated_token_level_delta_inputs(read_k, write_k, value, log_decay)
+            return read_k, write_k, value, (segment_decay, memory_write_k)
         if self.update == "delta" and \
                 self.memory_feature_map not in memory_ops.NORMALISED_FEATURE_MAPS:
             # DeltaNet: token by token inside the segment, as segment-level inputs.
             read_k, value = memory_ops.token_level_delta_inputs(read_k, write_k, value)
-        return read_k, write_k, value
+        return read_k, write_k, value, None
 
-    def _memory_update(self, read_k, write_k, value32, memory, norm, pending=None):
+    def _memory_update(self, read_k, write_k, value32, memory, norm, pending=None,
+                       memory_write_k=None):
         """The update of `(memory, norm)` from these tokens of the current segment
         (`(b, n, h, S, d)` keys and values; state `(b, h, ...)` before the segment).
         `pending`: the memory update of the segment's earlier tokens (decode cache), which
-        the token-level delta rule of the unit-key maps reads; None: none."""
+        the token-level delta rule of the unit-key maps reads; None: none.
+        `memory_write_k`: the write keys of the memory update when they differ from the
+        normaliser's `write_k` (`memory_decay`)."""
         normalised = self.memory_feature_map in memory_ops.NORMALISED_FEATURE_MAPS
         if self.update == "linear":
             memory_update = memory_ops.linear_update(write_k, value32)
@@ -560,7 +630,8 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             if not normalised and pending is not None:  # token level: read the state
                 memory = memory + pending  # after the segment's earlier tokens
             memory_update = memory_ops.delta_update(
-                memory[:, None], read_k, write_k, value32, norm[:, None], normalised
+                memory[:, None], read_k, write_k if memory_write_k is None else memory_write_k,
+                value32, norm[:, None], normalised,
             )
         return ops.sum(memory_update, axis=1), ops.sum(write_k, axis=(1, 3))
 
@@ -569,11 +640,14 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         """`{name: shape}` of the cache `build_cache(batch_size)` returns."""
         b, h, dk, dv, s = batch_size, self.num_heads, self.dim_key, self.dim_value, \
             self.segment_len
-        return {
+        shapes = {
             "memory": (b, h, dk, dv), "norm": (b, h, dk),
             "memory_update": (b, h, dk, dv), "norm_update": (b, h, dk),
             "key": (b, s, h, dk), "value": (b, s, h, dv), "valid": (b, s), "length": (b,),
         }
+        if self.memory_decay:  # log of the decay of `memory` over the segment so far
+            shapes["memory_decay"] = (b, h)
+        return shapes
 
     def build_cache(self, batch_size):
         """An empty decode cache for `batch_size` rows (see `call(cache=...)`): the
@@ -582,7 +656,10 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         Fixed shapes, whatever the length decoded: `memory`/`memory_update`
         `(b, h, dk, dv)` and `norm`/`norm_update` `(b, h, dk)` float32, the current
         segment's `key` `(b, S, h, dk)` and `value` `(b, S, h, dv)` in the compute dtype,
-        `valid` `(b, S)` bool, `length` `(b,)` int32.
+        `valid` `(b, S)` bool, `length` `(b,)` int32; with `memory_decay`, also
+        `memory_decay` `(b, h)` float32, the log decay of `memory` since the segment
+        began (the state after the segment's tokens so far is
+        `exp(memory_decay) memory + memory_update`).
         """
         batch_size = validation.positive_int("batch_size", batch_size)
         self._require_causal()
@@ -590,8 +667,9 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         memory, norm = self.get_initial_state(batch_size)
         shapes = self.cache_shapes(batch_size)
         cache = {"memory": memory, "norm": norm}
-        for name in ("memory_update", "norm_update"):
-            cache[name] = ops.zeros(shapes[name], "float32")
+        for name in ("memory_update", "norm_update", "memory_decay"):
+            if name in shapes:
+                cache[name] = ops.zeros(shapes[name], "float32")
         for name in ("key", "value"):
             cache[name] = ops.zeros(shapes[name], self.compute_dtype)
         cache["valid"] = ops.zeros(shapes["valid"], "bool")
@@ -683,11 +761,24 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             retrieved = memory_ops.retrieve(phi_q, memory[:, None], norm[:, None])
         else:
             retrieved = memory_ops.retrieve_unnormalised(phi_q, memory[:, None])
-        read_k, write_k, value32 = self._memory_keys(xs, key, value, write[:, None, None])
-        memory_step, norm_step = self._memory_update(
-            read_k, write_k, value32, memory, norm, pending=cache["memory_update"]
+        read_k, write_k, value32, decay = self._memory_keys(
+            xs, key, value, write[:, None, None]
         )
-        memory_update = cache["memory_update"] + memory_step
+        log_decay = None
+        if decay is None:
+            memory_step, norm_step = self._memory_update(
+                read_k, write_k, value32, memory, norm, pending=cache["memory_update"]
+            )
+            memory_update = cache["memory_update"] + memory_step
+        else:  # the state so far, e^G M + P; the token: e^g_t (e^G M + P) + w^T e
+            decay_before = cache["memory_decay"]
+            state = ops.exp(decay_before)[..., None, None] * memory + cache["memory_update"]
+            memory_step, norm_step = self._memory_update(read_k, write_k, value32, state,
+                                                         norm, memory_write_k=decay[1])
+            log_decay = decay[0][:, 0]  # (b, h)
+            memory_update = ops.exp(log_decay)[..., None, None] * cache["memory_update"] \
+                + memory_step
+            memory_decay = decay_before + log_decay
         norm_update = cache["norm_update"] + norm_step
 
         gate = self.gate_values()[:, None, None]
@@ -700,7 +791,10 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             ops.broadcast_to(ops.cast(fold_now, "bool"), ops.shape(write)),
             ops.cast(take, "bool"),
         )
-        folded_memory, folded_norm = memory_ops.fold(memory, norm, memory_update, norm_update)
+        decayed = memory if log_decay is None else \
+            ops.exp(memory_decay)[..., None, None] * memory
+        folded_memory, folded_norm = memory_ops.fold(decayed, norm, memory_update,
+                                                     norm_update)
         f4, f3 = fold_now[:, None, None, None], fold_now[:, None, None]
         new_cache = {
             "memory": ops.where(f4, folded_memory, memory),
@@ -714,6 +808,10 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             "valid": ops.logical_and(valid, ops.logical_not(fold_now[:, None])),
             "length": cache["length"] + ops.cast(take, "int32"),
         }
+        if log_decay is not None:
+            new_cache["memory_decay"] = ops.where(
+                fold_now[:, None], ops.zeros_like(memory_decay), memory_decay
+            )
         return outputs, new_cache
 
     def _prefill(self, x, valid, positions, stop, count, cache):
@@ -753,9 +851,10 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         if self.positional_embedder is not None:
             p = ops.arange(seg, dtype="int32") if pos_cur is None else pos_cur[:, :, None, :]
             key_rot = self.positional_embedder(key, positions=p)
-        read_k, write_k, value32 = self._memory_keys(x_in, key, value, valid_cur)
+        read_k, write_k, value32, decay = self._memory_keys(x_in, key, value, valid_cur)
         memory_update, norm_update = self._memory_update(
-            read_k, write_k, value32, memory, norm
+            read_k, write_k, value32, memory, norm,
+            memory_write_k=None if decay is None else decay[1],
         )
         outputs = segment_ops.fold(outputs, seg)
         is_current = (ops.arange(n, dtype="int32")[None, :] == stop[:, None])[..., None, None]
@@ -770,6 +869,8 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             "valid": valid_cur[:, 0],
             "length": cache["length"] + ops.cast(count, "int32"),
         }
+        if decay is not None:
+            new_cache["memory_decay"] = decay[0][:, 0]
         # A row that takes no token here keeps its cache (it may hold a partial segment).
         takes = ops.cast(count, "int32") > 0
         new_cache = {
@@ -801,6 +902,7 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
                 "write_strength": self.write_strength,
                 "gate_init": self.gate_init,
                 "gate_lr_scale": self.gate_lr_scale,
+                "memory_decay": self.memory_decay,
             }
         )
         return config

@@ -71,8 +71,8 @@ class InfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             kernel_constraint, bias_constraint: for every projection (attention
             query/key/value/output kernels, MLP `mlp_in`/`mlp_out` kernels and biases), each
             sublayer getting its own clone, as in Keras' `MultiHeadAttention`.
-        memory_feature_map, write_strength, gate_init, gate_lr_scale: memory options of
-            `attention`, see `CompressiveMemory` (defaults: the paper's layer).
+        memory_feature_map, write_strength, gate_init, gate_lr_scale, memory_decay: memory
+            options of `attention`, see `CompressiveMemory` (defaults: the paper's layer).
         **kwargs: standard `keras.layers.Layer` arguments.
 
     Call arguments:
@@ -99,7 +99,7 @@ class InfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         update="linear", causal=False, positional_embedder=None, init_state_learnable=False,
         dropout=0.0, normalize_first=True, layer_norm_epsilon=1e-5, return_state=False,
         memory_feature_map="elu1", write_strength=False, gate_init=0.0, gate_lr_scale=1.0,
-        **kwargs,
+        memory_decay=False, **kwargs,
     ):
         kwargs = self.set_weight_args(kwargs, with_bias=True)
         super().__init__(**kwargs)
@@ -143,6 +143,7 @@ class InfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             write_strength=write_strength,
             gate_init=gate_init,
             gate_lr_scale=gate_lr_scale,
+            memory_decay=memory_decay,
             dtype=self.dtype_policy,
             name="attention",
             **self.weight_kwargs(bias=False),
@@ -327,6 +328,7 @@ class InfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
                 "write_strength": self.attention.write_strength,
                 "gate_init": self.attention.gate_init,
                 "gate_lr_scale": self.attention.gate_lr_scale,
+                "memory_decay": self.attention.memory_decay,
             }
         )
         return config

@@ -116,9 +116,9 @@ class MoDInfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixi
             router (see `InfiniTransformer`).
         update, causal, positional_embedder, init_state_learnable, dropout,
         normalize_first, layer_norm_epsilon, memory_feature_map, write_strength,
-            gate_init, gate_lr_scale: keyword arguments (`BLOCK_OPTIONS`) handed to the
-            inner `InfiniTransformer` unchanged, with its defaults and checks (the
-            positional embedder is built for the full `segment_len`).
+            gate_init, gate_lr_scale, memory_decay: keyword arguments (`BLOCK_OPTIONS`)
+            handed to the inner `InfiniTransformer` unchanged, with its defaults and checks
+            (the positional embedder is built for the full `segment_len`).
         return_router_outputs: also return `selection` (float 0/1, the routing used) and
             `logits`, both `(batch * seq_len, 1)`.
         **kwargs: standard `keras.layers.Layer` arguments.

@@ -39,8 +39,8 @@ class InfiniBackbone(Backbone):
         sampling_factor, router_loss_weight: of the MoD blocks.
         dropout, normalize_first, layer_norm_epsilon: of every block
             (`layer_norm_epsilon` also of the final norm).
-        memory_feature_map, write_strength, gate_init, gate_lr_scale: memory options of
-            every block (see `CompressiveMemory`).
+        memory_feature_map, write_strength, gate_init, gate_lr_scale, memory_decay: memory
+            options of every block (see `CompressiveMemory`).
         tie_weights: share the input embedding with the output projection.
         causal: causal blocks (required to generate).
         dtype: dtype policy of every layer.
@@ -70,6 +70,7 @@ class InfiniBackbone(Backbone):
         write_strength=False,
         gate_init=0.0,
         gate_lr_scale=1.0,
+        memory_decay=False,
         tie_weights=False,
         causal=True,
         dtype=None,
@@ -117,7 +118,8 @@ class InfiniBackbone(Backbone):
             segment_len=segment_len, update=update, causal=causal, dropout=dropout,
             normalize_first=normalize_first, layer_norm_epsilon=layer_norm_epsilon,
             memory_feature_map=memory_feature_map, write_strength=write_strength,
-            gate_init=gate_init, gate_lr_scale=gate_lr_scale, dtype=dtype,
+            gate_init=gate_init, gate_lr_scale=gate_lr_scale, memory_decay=memory_decay,
+            dtype=dtype,
         )
         self.transformer_layers = []
         for i in range(num_layers):
@@ -172,6 +174,7 @@ class InfiniBackbone(Backbone):
         self.write_strength = write_strength
         self.gate_init = gate_init
         self.gate_lr_scale = gate_lr_scale
+        self.memory_decay = memory_decay
         self.tie_weights = tie_weights
         self.causal = causal
 
@@ -198,7 +201,7 @@ class InfiniBackbone(Backbone):
                 "positional_embedder", "yarn_scale", "mod_every", "sampling_factor",
                 "router_loss_weight", "dropout", "normalize_first", "layer_norm_epsilon",
                 "memory_feature_map", "write_strength", "gate_init", "gate_lr_scale",
-                "tie_weights", "causal",
+                "memory_decay", "tie_weights", "causal",
             )
         })
         return config

@@ -301,6 +301,46 @@ def token_level_delta_inputs(read_k, write_k, value):
     return solved[..., dim_value:], solved[..., :dim_value]
 
 
+def gated_token_level_delta_inputs(read_k, write_k, value, log_decay):
+    """`token_level_delta_inputs` with a decay per token (Gated DeltaNet, Yang et al.
+    2025): `M_t = alpha_t (I - k_t^T w_t) M_{t-1} + w_t^T v_t`, `w_t = beta_t k_t`.
+
+    With `g_t = sum_{i<=t} log alpha_i` (`log_decay`, `(..., S)`, values `<= 0`), the
+    errors `e_t = v_t - alpha_t k_t M_{t-1}` satisfy `(I + A) E = V - diag(e^g) K M_0`
+    with `A[t, i] = e^(g_t - g_i) k_t . w_i` for `i < t`, and after the segment
+    `M = e^(g_S) M_0 + sum_i e^(g_S - g_i) w_i^T e_i`. So with
+    `[V' | K'] = (I + A)^{-1} [V | diag(e^g) K]` and `W' = diag(e^(g_S - g)) W`, the
+    segment's step is `M -> e^(g_S) M + W'^T (V' - K' M)` (one triangular solve, then the
+    segment-level recurrence with a decay per segment, `delta_memory_states_general(...,
+    log_decay=g_S)`). Every exponent is `<= 0` (the differences are taken for `i < t`
+    only), so nothing overflows. A token with `log alpha = 0` and zero keys (masked)
+    changes nothing. The system is unit lower triangular but is solved with the general
+    `ops.solve` (LU): under `jax.jit` the gradient of JAX's triangular solve for these
+    inputs waited forever on CPU (`test_decay_compiled_fit_runs_several_steps`).
+
+    Args:
+        read_k, write_k: float32 `(..., S, dk)`; value: float32 `(..., S, dv)`;
+        log_decay: float32 `(..., S)`, `log alpha_t <= 0`.
+    Returns:
+        `(read_k', write_k', value', segment_log_decay (...,))`.
+    """
+    length = read_k.shape[-2]
+    dim_value = value.shape[-1]
+    g = ops.cumsum(log_decay, axis=-1)  # (..., S)
+    last = g[..., -1:]
+    scaled_k = read_k * ops.exp(g)[..., None]
+    write_out = write_k * ops.exp(last - g)[..., None]
+    if length == 1:  # one token: A is empty
+        return scaled_k, write_out, value, last[..., 0]
+    rows = ops.arange(length)
+    earlier = rows[:, None] > rows[None, :]
+    ratio = ops.exp(ops.where(earlier, g[..., :, None] - g[..., None, :], 0.0))
+    steps = ops.einsum("...tk,...ik->...ti", read_k, write_k) * ratio
+    system = ops.where(earlier, steps, 0.0) + ops.eye(length, dtype="float32")
+    solved = ops.solve(system, ops.concatenate([value, scaled_k], axis=-1))
+    return solved[..., dim_value:], write_out, solved[..., :dim_value], last[..., 0]
+
+
 def _delta_step_general(memory, read_k, write_k, value, norm, normalised):
     """One delta update with separate read and write keys (leading axes: batch, heads).
 
@@ -311,41 +351,56 @@ def _delta_step_general(memory, read_k, write_k, value, norm, normalised):
 
 
 def delta_memory_states_general(read_k, write_k, value, norm_before, memory0,
-                                normalised=True, sequence=None):
+                                normalised=True, sequence=None, log_decay=None):
     """Delta-rule memory states with read keys `read_k` and write keys `write_k`.
 
     Same layout and contract as `delta_memory_states` (states before each segment and
     after the last, float32). With `write_k is read_k` and `normalised=True` it is the
-    paper's delta rule. The recurrence runs over segments through `loops.scan`;
-    `norm_before` (the normaliser before each segment) is an input, not carried.
-    `sequence`: see `norm_states` (each device scans its own segments).
+    paper's delta rule. `log_decay` `(b, n, h)` (or None: 1): the memory is multiplied by
+    `exp(log_decay)` in each segment's step, `M -> e^d M + write_k^T (V - read_k M)`
+    (`gated_token_level_delta_inputs`). The recurrence runs over segments through
+    `loops.scan`; `norm_before` (the normaliser before each segment) is an input, not
+    carried. `sequence`: see `norm_states` (each device scans its own segments).
     """
     if sequence is not None:
+        inputs = (read_k, write_k, norm_before)
+        if log_decay is not None:
+            inputs += (log_decay,)
         return sharded_affine_states(
             lambda inputs, v, m0: delta_memory_states_general(
-                inputs[0], inputs[1], v, inputs[2], m0, normalised=normalised
+                inputs[0], inputs[1], v, inputs[2], m0, normalised=normalised,
+                log_decay=inputs[3] if len(inputs) > 3 else None,
             ),
-            (read_k, write_k, norm_before), value, memory0, sequence,
+            inputs, value, memory0, sequence,
         )
-    return _delta_states_general_scan(read_k, write_k, value, norm_before, memory0, normalised)
+    return _delta_states_general_scan(read_k, write_k, value, norm_before, memory0,
+                                      log_decay, normalised)
 
 
-def _delta_states_general_scan(read_k, write_k, value, norm_before, memory0, normalised):
+def _delta_states_general_scan(read_k, write_k, value, norm_before, memory0, log_decay,
+                               normalised):
     dim_key = read_k.shape[-1]
     keys = ops.concatenate([read_k, write_k], axis=-1)  # one stacked tensor per segment
-
-    def step(memory, both, v, norm):
-        return _delta_step_general(
-            memory, both[..., :dim_key], both[..., dim_key:], v, norm, normalised
-        )
 
     # `loops.scan` over axis 1 (no transposed copies; TF: a bounded while loop), emitting
     # the carry it received (the state before the segment).
     def scan_step(memory, segment):
-        new_memory = step(memory, segment["keys"], segment["value"], segment["norm"])
+        both = segment["keys"]
+        if "decay" not in segment:
+            new_memory = _delta_step_general(
+                memory, both[..., :dim_key], both[..., dim_key:], segment["value"],
+                segment["norm"], normalised,
+            )
+        else:  # e^d M + W^T (V - K M): the update reads the undecayed M
+            new_memory = segment["decay"][..., None, None] * memory + delta_update(
+                memory, both[..., :dim_key], both[..., dim_key:], segment["value"],
+                segment["norm"], normalised,
+            )
         return new_memory, memory
 
     xs = {"keys": keys, "value": value, "norm": norm_before}
+    if log_decay is not None:
+        xs["decay"] = ops.exp(ops.cast(log_decay, "float32"))
     final, before = loops.scan(scan_step, memory0, xs, axis=1)
     return before, final
 
