@@ -31,10 +31,10 @@ Configurations (`--configs`, see `CONFIGS`):
   reach >= 95% on every seed before any memory number counts.
 - `floor`: cross-segment data, gate pinned shut: local attention only, chance expected.
 - the memory configurations: cross-segment data, `CompressiveMemory` options as named.
-  `delta-l2-hard-gate` (token-level delta rule on L2-normalised keys,
-  `write_strength="hard_sigmoid"`, `gate_lr_scale=10`) is the recommended configuration;
-  `delta-l2-hard-decay-gate` adds `memory_decay=True` (Gated DeltaNet). Every run:
-  benchmarks/RECALL_RESULTS.md.
+  `delta-l2-hard-decay-gate` (token-level delta rule on L2-normalised keys,
+  `write_strength="hard_sigmoid"`, `gate_lr_scale=10`, `memory_decay=True`: Gated
+  DeltaNet) is the recommended configuration; `delta-l2-hard-gate` is the same without
+  the decay. Every run: benchmarks/RECALL_RESULTS.md.
 
 Each (configuration, pairs, seed) runs in its own subprocess on the backend chosen by
 `KERAS_BACKEND`; the parent prints a markdown table (mean and per-seed accuracy at every
