@@ -334,6 +334,18 @@ def _float_list(text):
     return [float(v) for v in text.split(",") if v.strip()]
 
 
+def _gate_init(text):
+    """One gate logit (a float) or one per head (a list of floats)."""
+    try:
+        values = _float_list(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid --gate-init={text!r}: expected numbers separated by commas") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"invalid --gate-init={text!r}: no number")
+    return values[0] if len(values) == 1 else values
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=4000, help="training steps")
@@ -351,7 +363,9 @@ def parse_args(argv):
                    choices=("sigmoid", "hard_sigmoid"),
                    help="learned per-token, per-head memory write strength beta "
                         "(alone: sigmoid)")
-    p.add_argument("--gate-init", type=float, default=0.0, help="initial memory gate logit")
+    p.add_argument("--gate-init", type=_gate_init, default=0.0,
+                   help="initial memory gate logit: one number for every head, or one per "
+                        "head separated by commas (e.g. '-2,2': a local and a memory head)")
     p.add_argument("--gate-lr-scale", type=float, default=1.0,
                    help="gate learning-rate scale (sigmoid(scale * raw))")
     p.add_argument("--memory-decay", action="store_true",
@@ -378,6 +392,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.dim % args.heads:
         p.error("--dim must be a multiple of --heads")
+    if isinstance(args.gate_init, list) and len(args.gate_init) != args.heads:
+        p.error(f"--gate-init={','.join(f'{v:g}' for v in args.gate_init)}: expected one "
+                f"number or {args.heads} (one per head)")
     if any(not 0 <= d <= 1 for d in args.depths):
         p.error("--depths must lie in [0, 1]")
     if args.train_segments * args.segment_len < OVERHEAD:

@@ -147,6 +147,21 @@ def test_passkey_memory_options_reach_the_blocks(passkey):
         passkey.parse_args(["--write-strength", "hard"])
 
 
+def test_passkey_gate_init_per_head(passkey, capsys):
+    args = passkey.parse_args(["--dim", "16", "--heads", "2", "--layers", "2",
+                               "--gate-lr-scale", "10", "--gate-init=-2,1.5"])
+    assert args.gate_init == [-2.0, 1.5]
+    for layer in passkey.build_model(args).layers:
+        if isinstance(layer, passkey.InfiniTransformer):
+            np.testing.assert_allclose(keras_ops_numpy(layer.attention.gate_values()),
+                                       1 / (1 + np.exp([2.0, -1.5])), rtol=1e-5)
+    assert passkey.parse_args(["--gate-init", "0.5"]).gate_init == 0.5
+    for bad in (["--gate-init=1,2,3"], ["--gate-init", "a,b"]):
+        with pytest.raises(SystemExit):
+            passkey.parse_args(bad)
+    assert "--gate-init=1,2,3: expected one number or 2" in capsys.readouterr().err
+
+
 def keras_ops_numpy(x):
     import keras
 
