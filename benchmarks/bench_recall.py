@@ -34,7 +34,8 @@ Configurations (`--configs`, see `CONFIGS`):
   `delta-l2-hard-decay-gate` (token-level delta rule on L2-normalised keys,
   `write_strength="hard_sigmoid"`, `gate_lr_scale=10`, `memory_decay=True`: Gated
   DeltaNet) is the recommended configuration; `delta-l2-hard-gate` is the same without
-  the decay. Every run: benchmarks/RECALL_RESULTS.md.
+  the decay; `delta-l2-hard-decay-split` starts half the heads local (gate logit -2) and
+  half on the memory (+2), as `examples/passkey.py --gate-init=-2,-2,2,2` does. Every run: benchmarks/RECALL_RESULTS.md.
 
 Each (configuration, pairs, seed) runs in its own subprocess on the backend chosen by
 `KERAS_BACKEND`; the parent prints a markdown table (mean and per-seed accuracy at every
@@ -86,6 +87,11 @@ CONFIGS = {
         {"update": "delta", "memory_feature_map": "l2", "write_strength": "hard_sigmoid",
          "gate_lr_scale": 10.0, "memory_decay": True},
     ),
+    "delta-l2-hard-decay-split": (
+        "cross", False,
+        {"update": "delta", "memory_feature_map": "l2", "write_strength": "hard_sigmoid",
+         "gate_lr_scale": 10.0, "memory_decay": True, "gate_init": "split"},
+    ),
     "linear-gate": ("cross", False, {"update": "linear", "gate_lr_scale": 10.0}),
     "linear-beta-gate": ("cross", False, {"update": "linear", "write_strength": True,
                                           "gate_lr_scale": 10.0}),
@@ -96,6 +102,16 @@ CONFIGS = {
     ),
     "delta-gate": ("cross", False, {"update": "delta", "gate_lr_scale": 10.0}),
 }
+
+# `"gate_init": "split"`: the first half of the heads start local (gate logit -2,
+# sigmoid 0.12), the rest on the memory (+2, sigmoid 0.88).
+SPLIT_GATE_LOGIT = 2.0
+
+
+def split_gate_init(heads):
+    """Per-head gate logits for `"split"`: `heads // 2` local heads, then memory heads."""
+    return [-SPLIT_GATE_LOGIT] * (heads // 2) + [SPLIT_GATE_LOGIT] * (heads - heads // 2)
+
 
 # Value-slot ids after the `values` real values.
 def _value_slots(values):
@@ -172,6 +188,9 @@ def build_model(args, memory_kwargs):
     h = PairEmbedding(args.keys + args.fillers, slots["size"], args.width)(inputs)
     head_dim = args.width // args.heads
     dim_key = args.dim_key or head_dim
+    memory_kwargs = dict(memory_kwargs)
+    if memory_kwargs.get("gate_init") == "split":
+        memory_kwargs["gate_init"] = split_gate_init(args.heads)
     for i in range(args.layers):
         h = InfiniTransformer(
             args.width, 4 * args.width, dim_key, head_dim, args.heads, "gelu",

@@ -61,3 +61,16 @@ def test_make_batch_layout(bench):
         stored = {int(k): int(v) for k, v in x[i, :8] if v < 5}
         for t in np.flatnonzero(w[i]):
             assert stored[int(x[i, t, 0])] == y[i, t]
+
+
+def test_split_gate_init(bench):
+    import argparse
+
+    assert bench.split_gate_init(4) == [-2.0, -2.0, 2.0, 2.0]
+    assert bench.split_gate_init(3) == [-2.0, 2.0, 2.0]
+    args = argparse.Namespace(keys=8, values=5, fillers=2, width=16, heads=4, dim_key=0,
+                              segment_len=8, layers=1)
+    model = bench.build_model(args, bench.CONFIGS["delta-l2-hard-decay-split"][2])
+    gates = bench.gate_values(model.get_layer("block0"))
+    np_gates = [round(float(g), 4) for g in gates]
+    assert np_gates == [0.1192, 0.1192, 0.8808, 0.8808]

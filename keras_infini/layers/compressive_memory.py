@@ -156,8 +156,8 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             and `z += sum_t beta_t phi(K_t)`. Lets the model skip tokens. `f = sigmoid`
             never reaches 0, and small writes of many skipped tokens add up over long
             inputs; `"hard_sigmoid"` (`clip(t / 6 + 1/2, 0, 1)`, Keras' `hard_sigmoid`)
-            is exactly 0 below -3, so skipped tokens leave the memory unchanged whatever
-            the input length.
+            is exactly 0 below -3, so skipped tokens write nothing whatever the input
+            length (with `memory_decay=True` the memory still decays through them).
         memory_decay: `False` (default) or `True`: a learned decay per token and head
             for the token-level delta rule (Gated DeltaNet, Yang et al. 2025),
             `M_t = alpha_t (I - beta_t k_t^T k_t) M_{t-1} + beta_t k_t^T v_t` with
@@ -177,7 +177,7 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             weights (a scaled parametrisation; at 1.0 the layer is the paper's).
             For multi-key recall and passkey retrieval across segments
             `update="delta"`, `memory_feature_map="l2"`, `write_strength="hard_sigmoid"`,
-            `gate_lr_scale=10.0` measured best (README, "Memory options";
+            `gate_lr_scale=10.0`, `memory_decay=True` measured best (README, "Memory options";
             benchmarks/bench_recall.py, examples/passkey.py).
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
