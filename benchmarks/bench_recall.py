@@ -35,7 +35,8 @@ Configurations (`--configs`, see `CONFIGS`):
   `write_strength="hard_sigmoid"`, `gate_lr_scale=10`, `memory_decay=True`: Gated
   DeltaNet) is the recommended configuration; `delta-l2-hard-gate` is the same without
   the decay; `delta-l2-hard-decay-split` starts half the heads local (gate logit -2) and
-  half on the memory (+2), as `examples/passkey.py --gate-init=-2,-2,2,2` does. Every run: benchmarks/RECALL_RESULTS.md.
+  half on the memory (+2), as `examples/passkey.py --gate-init=-2,-2,2,2` does. Every
+  run: benchmarks/RECALL_RESULTS.md.
 
 Each (configuration, pairs, seed) runs in its own subprocess on the backend chosen by
 `KERAS_BACKEND`; the parent prints a markdown table (mean and per-seed accuracy at every

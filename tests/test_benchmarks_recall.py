@@ -72,5 +72,4 @@ def test_split_gate_init(bench):
                               segment_len=8, layers=1)
     model = bench.build_model(args, bench.CONFIGS["delta-l2-hard-decay-split"][2])
     gates = bench.gate_values(model.get_layer("block0"))
-    np_gates = [round(float(g), 4) for g in gates]
-    assert np_gates == [0.1192, 0.1192, 0.8808, 0.8808]
+    assert [round(float(g), 4) for g in gates] == [0.1192, 0.1192, 0.8808, 0.8808]
