@@ -248,10 +248,14 @@ NORMALISED_FEATURE_MAPS = ("elu1",)  # maps read with `/ (phi(q) z + eps)`
 
 
 def l2_normalize(x):
-    """`x / max(||x||_2, eps)` over the last axis, in float32 (eps = 1e-6)."""
+    """`x / max(||x||_2, eps)` over the last axis, in float32 (eps = 1e-6).
+
+    The clamp is taken on the squared norm, so a zero vector (a masked or zero token) has
+    a finite gradient: `sqrt` is never differentiated at 0.
+    """
     x = ops.cast(x, "float32")
-    norm = ops.sqrt(ops.sum(ops.square(x), axis=-1, keepdims=True))
-    return x / ops.maximum(norm, EPSILON)
+    squared = ops.sum(ops.square(x), axis=-1, keepdims=True)
+    return x / ops.sqrt(ops.maximum(squared, EPSILON * EPSILON))
 
 
 def feature_map(x, name):
