@@ -323,6 +323,28 @@ def test_nan_in_masked_token_does_not_leak_into_memory(feature_map):
     np.testing.assert_allclose(to_numpy(memory), want_m, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("feature_map", ["l2", "elu1_l2"])
+def test_padded_batch_trains_with_finite_weights(feature_map):
+    """`model.fit` on a batch with padding (`mask_zero=True`): the padded tokens enter the
+    memory as zero vectors, and the unit-norm maps must not turn them into NaN gradients
+    (one NaN step would poison every weight)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((None,), dtype="int32"),
+        keras.layers.Embedding(20, 16, mask_zero=True),
+        InfiniTransformer(16, 32, 4, 4, 4, "gelu", 4, update="delta", causal=True,
+                          memory_feature_map=feature_map, memory_decay=True),
+        keras.layers.Dense(20),
+    ])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(0).integers(1, 20, (4, 12))
+    x[:, -5:] = 0
+    history = model.fit(x, x, epochs=3, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"])), history.history["loss"]
+    for weight in model.weights:
+        assert np.all(np.isfinite(to_numpy(weight))), weight.path
+
+
 def test_gradients_reach_every_weight():
     layer = make_layer("delta", "l2", True, gate_lr_scale=5.0)
     x = inputs(12)
