@@ -4,6 +4,7 @@ import importlib.util
 import math
 import os
 
+import keras
 import numpy as np
 import pytest
 
@@ -145,6 +146,30 @@ def test_passkey_memory_options_reach_the_blocks(passkey):
     assert block.attention.memory_decay is True
     with pytest.raises(SystemExit):
         passkey.parse_args(["--write-strength", "hard"])
+
+
+def test_passkey_embedding_scale(passkey, capsys):
+    """`--embedding-scale 2`: the same initial model (the table drawn at half the range,
+    multiplied by 2), whose embedding output moves twice as far in one Adam step."""
+    base = ["--dim", "16", "--heads", "2", "--layers", "1", "--lr", "1e-3"]
+    assert passkey.parse_args(base).embedding_scale == 1.0
+    x = np.random.default_rng(0).integers(0, len(passkey.VOCAB), (2, 24)).astype("int32")
+    moved, logits = [], []
+    for scale in ("1", "2"):
+        keras.utils.set_random_seed(0)
+        model = passkey.build_model(passkey.parse_args(base + ["--embedding-scale", scale]))
+        embed = keras.Sequential(model.layers[:2] if scale == "2" else model.layers[:1])
+        before = keras_ops_numpy(embed(x))
+        logits.append(keras_ops_numpy(model(x)))
+        model.compile(keras.optimizers.Adam(1e-3),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.train_on_batch(x, x)
+        moved.append(np.abs(keras_ops_numpy(embed(x)) - before).mean())
+    np.testing.assert_allclose(logits[1], logits[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(moved[1] / moved[0], 2.0, rtol=0.05)
+    with pytest.raises(SystemExit):
+        passkey.parse_args(["--embedding-scale", "0"])
+    assert "--embedding-scale must be positive" in capsys.readouterr().err
 
 
 def test_passkey_gate_init_per_head(passkey, capsys):
