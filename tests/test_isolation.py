@@ -133,13 +133,24 @@ def test_streaming_with_nan_in_a_later_chunk_keeps_earlier_outputs():
     np.testing.assert_allclose(out_b[:, :2], whole[:, S:S + 2], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("update", ["linear", "delta"])
-def test_gradients_are_finite_with_non_finite_masked_tokens(update):
+# The recommended memory (README "Memory options") and the other unit-norm map: a masked
+# token enters as a zero vector, where the L2 normalisation must have a finite gradient.
+MEMORY_OPTIONS = [
+    ("linear", {}),
+    ("delta", {}),
+    ("delta", dict(memory_feature_map="l2", write_strength="hard_sigmoid", gate_lr_scale=10.0,
+                   memory_decay=True)),
+    ("delta", dict(memory_feature_map="elu1_l2", write_strength=True)),
+]
+
+
+@pytest.mark.parametrize("update,options", MEMORY_OPTIONS)
+def test_gradients_are_finite_with_non_finite_masked_tokens(update, options):
     """Masked NaN tokens reach no weight gradient either (selected away at the source)."""
     from conftest import gradients
 
     for kind in ("cm", "infini", "mod"):
-        layer = make(kind, update, True)
+        layer = make(kind, update, True, **options)
         x = normal((2, 3 * S, D), seed=5)
         mask = np.ones((2, 3 * S), bool)
         mask[0, 5] = mask[1, 9] = False
