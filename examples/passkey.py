@@ -376,9 +376,11 @@ def parse_args(argv):
                         "head separated by commas (e.g. '-2,2': a local and a memory head)")
     p.add_argument("--gate-lr-scale", type=float, default=1.0,
                    help="gate learning-rate scale (sigmoid(scale * raw))")
-    p.add_argument("--memory-decay", action="store_true",
+    p.add_argument("--memory-decay", nargs="?", const=True, default=False,
+                   choices=("coupled",),
                    help="learned per-token memory decay (Gated DeltaNet; needs --update "
-                        "delta and --memory-feature-map l2 or elu1_l2)")
+                        "delta and --memory-feature-map l2 or elu1_l2); 'coupled': decay "
+                        "only as much as the token writes (needs --write-strength)")
     p.add_argument("--lr", type=float, default=4e-3, help="peak learning rate")
     p.add_argument("--embedding-scale", type=float, default=1.0,
                    help="multiply the token embeddings by this factor and divide their "

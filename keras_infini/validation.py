@@ -95,6 +95,20 @@ def write_strength(value):
     )
 
 
+MEMORY_DECAYS = ("coupled",)
+
+
+def memory_decay(value):
+    """`False`, `True` or `"coupled"` (the decay scaled by the write strength)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value in MEMORY_DECAYS:
+        return value
+    raise ValueError(
+        f"Invalid memory_decay={value!r}: expected False, True or 'coupled'."
+    )
+
+
 def sampling_factor(value, segment_len=None, allow_none=False):
     """MoD sampling factor: a finite number `> 1` (and `< segment_len` when given)."""
     if segment_len is None:

@@ -103,6 +103,8 @@ CASES = [
     ("block", "delta", "rope", 4, {"memory_feature_map": "l2", "write_strength": "hard_sigmoid",
                                    "memory_decay": True}),
     ("mod", "delta", "rope", 1, {"memory_feature_map": "elu1_l2", "memory_decay": True}),
+    ("block", "delta", "rope", 1, {"memory_feature_map": "l2", "write_strength": "hard_sigmoid",
+                                   "memory_decay": "coupled"}),
 ]
 
 

@@ -144,8 +144,15 @@ def test_passkey_memory_options_reach_the_blocks(passkey):
     (block,) = [layer for layer in passkey.build_model(args).layers
                 if isinstance(layer, passkey.InfiniTransformer)]
     assert block.attention.memory_decay is True
-    with pytest.raises(SystemExit):
-        passkey.parse_args(["--write-strength", "hard"])
+    args = passkey.parse_args(["--dim", "16", "--heads", "2", "--layers", "1",
+                               "--memory-feature-map", "l2", "--write-strength",
+                               "hard_sigmoid", "--memory-decay", "coupled"])
+    (block,) = [layer for layer in passkey.build_model(args).layers
+                if isinstance(layer, passkey.InfiniTransformer)]
+    assert block.attention.memory_decay == "coupled"
+    for bad in (["--write-strength", "hard"], ["--memory-decay", "yes"]):
+        with pytest.raises(SystemExit):
+            passkey.parse_args(bad)
 
 
 def test_passkey_embedding_scale(passkey, capsys):

@@ -140,7 +140,7 @@ MEMORY_OPTIONS = [
     ("delta", {}),
     ("delta", dict(memory_feature_map="l2", write_strength="hard_sigmoid", gate_lr_scale=10.0,
                    memory_decay=True)),
-    ("delta", dict(memory_feature_map="elu1_l2", write_strength=True)),
+    ("delta", dict(memory_feature_map="elu1_l2", write_strength=True, memory_decay="coupled")),
 ]
 
 

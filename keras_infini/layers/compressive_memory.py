@@ -157,8 +157,10 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             never reaches 0, and small writes of many skipped tokens add up over long
             inputs; `"hard_sigmoid"` (`clip(t / 6 + 1/2, 0, 1)`, Keras' `hard_sigmoid`)
             is exactly 0 below -3, so skipped tokens write nothing whatever the input
-            length (with `memory_decay=True` the memory still decays through them).
-        memory_decay: `False` (default) or `True`: a learned decay per token and head
+            length (with `memory_decay=True` the memory still decays through them,
+            with `"coupled"` it does not).
+        memory_decay: `False` (default), `True` or `"coupled"`: a learned decay per
+            token and head
             for the token-level delta rule (Gated DeltaNet, Yang et al. 2025),
             `M_t = alpha_t (I - beta_t k_t^T k_t) M_{t-1} + beta_t k_t^T v_t` with
             `alpha_t = exp(-exp(a_h) softplus(x_t W_alpha + b_h))` in (0, 1] (sublayer
@@ -169,6 +171,10 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             tokens) or, with `alpha` near 1, keep facts. Requires `update="delta"` and
             `memory_feature_map` `"l2"` or `"elu1_l2"`. Still one triangular solve per
             segment and a scan over segments (`ops.memory.gated_token_level_delta_inputs`).
+            `"coupled"` (needs a `write_strength`) decays by `alpha_t ** beta_t`
+            instead: a token that writes nothing (`beta_t = 0`, e.g. skipped by
+            `"hard_sigmoid"`) also erases nothing, so a fact outlives any number of
+            skipped tokens.
         gate_init: initial gate logit, a number or a list of `num_heads` numbers
             (default 0.0: `sigmoid(0) = 0.5` for every head).
         gate_lr_scale: positive number (default 1.0). The gate is stored as
@@ -253,14 +259,20 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         )
         self.write_strength = validation.write_strength(write_strength)
         self.gate_lr_scale = float(validation.positive_real("gate_lr_scale", gate_lr_scale))
-        self.memory_decay = validation.boolean("memory_decay", memory_decay)
+        self.memory_decay = validation.memory_decay(memory_decay)
         if self.memory_decay and (self.update != "delta" or self.memory_feature_map
                                   in memory_ops.NORMALISED_FEATURE_MAPS):
             raise ValueError(
-                f"Invalid memory_decay=True with update={self.update!r} and "
+                f"Invalid memory_decay={self.memory_decay!r} with update={self.update!r} and "
                 f"memory_feature_map={self.memory_feature_map!r}: the decay applies to the "
                 "token-level delta rule, update='delta' with memory_feature_map 'l2' or "
                 "'elu1_l2'."
+            )
+        if self.memory_decay == "coupled" and not self.write_strength:
+            raise ValueError(
+                "Invalid memory_decay='coupled' with write_strength=False: the coupled "
+                "decay is scaled by the write strength; use write_strength=True, "
+                "'sigmoid' or 'hard_sigmoid'."
             )
         self._embedder_arg = positional_embedder
         self.positional_embedder = resolve_positional_embedder(
@@ -597,6 +609,8 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             beta = ops.swapaxes(beta, 2, 3)  # (b, n, h, S)
             write_k = read_k * beta[..., None]
         log_decay = self.decay_values(x) if self.memory_decay else None  # (b, n, h, S)
+        if self.memory_decay == "coupled":  # alpha_t ** beta_t: no write, no decay
+            log_decay = log_decay * beta
         if valid is not None:  # select, not multiply: a masked NaN must not leak
             keep = ops.cast(valid, "bool")[:, :, None, :, None]
             read_k = ops.where(keep, read_k, 0.0)
