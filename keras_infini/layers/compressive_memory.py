@@ -160,8 +160,7 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             length (with `memory_decay=True` the memory still decays through them,
             with `"coupled"` it does not).
         memory_decay: `False` (default), `True` or `"coupled"`: a learned decay per
-            token and head
-            for the token-level delta rule (Gated DeltaNet, Yang et al. 2025),
+            token and head for the token-level delta rule (Gated DeltaNet, Yang et al. 2025),
             `M_t = alpha_t (I - beta_t k_t^T k_t) M_{t-1} + beta_t k_t^T v_t` with
             `alpha_t = exp(-exp(a_h) softplus(x_t W_alpha + b_h))` in (0, 1] (sublayer
             `decay_dense`, weights `decay_log_rate` `a` (zeros) and `decay_bias` `b`,
