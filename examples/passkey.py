@@ -238,12 +238,13 @@ def build_model(args):
         )
         for i in range(args.layers)
     ]
+    # Keras' default table range divided by the scale, the output multiplied by it: the
+    # same initial model, whose embedding output Adam moves `scale` times faster.
     scale = args.embedding_scale
     embedding = [keras.layers.Embedding(
         len(VOCAB), dim, name="embedding",
-        embeddings_initializer=keras.initializers.RandomUniform(-0.05 / scale, 0.05 / scale)
-        if scale != 1 else "uniform")]
-    if scale != 1:  # the same initial model; Adam moves the table `scale` times faster
+        embeddings_initializer=keras.initializers.RandomUniform(-0.05 / scale, 0.05 / scale))]
+    if scale != 1:
         embedding.append(keras.layers.Rescaling(scale, name="embedding_scale"))
     model = keras.Sequential(
         [keras.Input((None,), dtype="int32")]
