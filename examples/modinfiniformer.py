@@ -256,9 +256,11 @@ def parse_args(argv):
                         "(alone: sigmoid)")
     p.add_argument("--gate-lr-scale", type=float, default=1.0,
                    help="memory gate learning-rate scale (sigmoid(scale * raw))")
-    p.add_argument("--memory-decay", action="store_true",
+    p.add_argument("--memory-decay", nargs="?", const=True, default=False,
+                   choices=("coupled",),
                    help="learned per-token memory decay (Gated DeltaNet; needs --update "
-                        "delta and --memory-feature-map l2 or elu1_l2)")
+                        "delta and --memory-feature-map l2 or elu1_l2); 'coupled': decay "
+                        "only as much as the token writes (needs --write-strength)")
     p.add_argument("--no-memory", action="store_true",
                    help="pin every memory gate to -30: local attention only")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")

@@ -169,4 +169,12 @@ def test_memory_options_reach_the_blocks(lm):
     assert not defaults.memory_decay
     decay = lm.parse_args(["--dim", "16", "--heads", "2", "--layers", "2", "--update", "delta",
                            "--memory-feature-map", "l2", "--memory-decay"])
-    assert all(block.attention.memory_decay for block in lm.blocks_of(lm.build_model(decay)))
+    assert all(block.attention.memory_decay is True
+               for block in lm.blocks_of(lm.build_model(decay)))
+    coupled = lm.parse_args(["--dim", "16", "--heads", "2", "--layers", "2", "--update",
+                             "delta", "--memory-feature-map", "l2", "--write-strength",
+                             "hard_sigmoid", "--memory-decay", "coupled"])
+    assert all(block.attention.memory_decay == "coupled"
+               for block in lm.blocks_of(lm.build_model(coupled)))
+    with pytest.raises(SystemExit):
+        lm.parse_args(["--memory-decay", "yes"])
