@@ -35,8 +35,9 @@ Configurations (`--configs`, see `CONFIGS`):
   `write_strength="hard_sigmoid"`, `gate_lr_scale=10`, `memory_decay=True`: Gated
   DeltaNet) is the recommended configuration; `delta-l2-hard-gate` is the same without
   the decay; `delta-l2-hard-decay-split` starts half the heads local (gate logit -2) and
-  half on the memory (+2), as `examples/passkey.py --gate-init=-2,-2,2,2` does. Every
-  run: benchmarks/RECALL_RESULTS.md.
+  half on the memory (+2), as `examples/passkey.py --gate-init=-2,-2,2,2` does;
+  `delta-l2-hard-coupled-gate` decays only as much as a token writes
+  (`memory_decay="coupled"`). Every run: benchmarks/RECALL_RESULTS.md.
 
 Each (configuration, pairs, seed) runs in its own subprocess on the backend chosen by
 `KERAS_BACKEND`; the parent prints a markdown table (mean and per-seed accuracy at every
@@ -92,6 +93,11 @@ CONFIGS = {
         "cross", False,
         {"update": "delta", "memory_feature_map": "l2", "write_strength": "hard_sigmoid",
          "gate_lr_scale": 10.0, "memory_decay": True, "gate_init": "split"},
+    ),
+    "delta-l2-hard-coupled-gate": (
+        "cross", False,
+        {"update": "delta", "memory_feature_map": "l2", "write_strength": "hard_sigmoid",
+         "gate_lr_scale": 10.0, "memory_decay": "coupled"},
     ),
     "linear-gate": ("cross", False, {"update": "linear", "gate_lr_scale": 10.0}),
     "linear-beta-gate": ("cross", False, {"update": "linear", "write_strength": True,

@@ -73,3 +73,17 @@ def test_split_gate_init(bench):
     model = bench.build_model(args, bench.CONFIGS["delta-l2-hard-decay-split"][2])
     gates = bench.gate_values(model.get_layer("block0"))
     assert [round(float(g), 4) for g in gates] == [0.1192, 0.1192, 0.8808, 0.8808]
+
+
+def test_every_memory_config_reaches_the_layer(bench):
+    """Each `CONFIGS` entry's options are the built block's memory options."""
+    import argparse
+
+    args = argparse.Namespace(keys=8, values=5, fillers=2, width=16, heads=2, dim_key=0,
+                              segment_len=8, layers=1)
+    for name, (_, _, options) in bench.CONFIGS.items():
+        memory = bench.build_model(args, options).get_layer("block0").attention
+        for option, value in options.items():
+            if option == "gate_init":
+                continue  # "split" is expanded per head; see test_split_gate_init
+            assert getattr(memory, option) == value, (name, option)
