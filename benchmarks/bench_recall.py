@@ -108,6 +108,26 @@ CONFIGS = {
          "gate_lr_scale": 10.0},
     ),
     "delta-gate": ("cross", False, {"update": "delta", "gate_lr_scale": 10.0}),
+    # Feature maps that widen the memory key (issue 13's DPFP and Taylor remedies).
+    "linear-dpfp": ("cross", False, {"update": "linear", "memory_feature_map": "dpfp"}),
+    "delta-dpfp": ("cross", False, {"update": "delta", "memory_feature_map": "dpfp"}),
+    "delta-dpfp-hard-coupled-gate": (
+        "cross", False,
+        {"update": "delta", "memory_feature_map": "dpfp", "write_strength": "hard_sigmoid",
+         "gate_lr_scale": 10.0, "memory_decay": "coupled"},
+    ),
+    "delta-dpfp2-hard-coupled-gate": (
+        "cross", False,
+        {"update": "delta", "memory_feature_map": "dpfp2", "write_strength": "hard_sigmoid",
+         "gate_lr_scale": 10.0, "memory_decay": "coupled"},
+    ),
+    "linear-taylor": ("cross", False, {"update": "linear", "memory_feature_map": "taylor"}),
+    "delta-taylor": ("cross", False, {"update": "delta", "memory_feature_map": "taylor"}),
+    "delta-taylor-hard-gate": (
+        "cross", False,
+        {"update": "delta", "memory_feature_map": "taylor", "write_strength": "hard_sigmoid",
+         "gate_lr_scale": 10.0},
+    ),
 }
 
 # `"gate_init": "split"`: the first half of the heads start local (gate logit -2,

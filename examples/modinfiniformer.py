@@ -56,6 +56,7 @@ import byte_datasets as datasets  # noqa: E402  (examples/byte_datasets.py)
 import keras_hub  # noqa: E402
 
 from keras_infini import InfiniTransformer  # noqa: E402
+from keras_infini.ops.memory import FEATURE_MAPS  # noqa: E402
 from keras_infini import MoDInfiniTransformer  # noqa: E402
 from keras_infini.models import InfiniBackbone  # noqa: E402
 from keras_infini.models import InfiniByteTokenizer  # noqa: E402
@@ -248,7 +249,7 @@ def parse_args(argv):
                         "number for every head, or one per head separated by commas (e.g. "
                         "'-4,-4,-4,2': three local heads, one memory head); default: the "
                         "layer's 0, an even mix")
-    p.add_argument("--memory-feature-map", choices=("elu1", "l2", "elu1_l2"), default="elu1",
+    p.add_argument("--memory-feature-map", choices=FEATURE_MAPS, default="elu1",
                    help="feature map of the memory's queries and keys (README 'Memory options')")
     p.add_argument("--write-strength", nargs="?", const=True, default=False,
                    choices=("sigmoid", "hard_sigmoid"),
@@ -259,7 +260,7 @@ def parse_args(argv):
     p.add_argument("--memory-decay", nargs="?", const=True, default=False,
                    choices=("coupled",),
                    help="learned per-token memory decay (Gated DeltaNet; needs --update "
-                        "delta and --memory-feature-map l2 or elu1_l2); 'coupled': decay "
+                        "delta and a unit-key map: l2, elu1_l2, dpfp*); 'coupled': decay "
                         "only as much as the token writes (needs --write-strength)")
     p.add_argument("--no-memory", action="store_true",
                    help="pin every memory gate to -30: local attention only")

@@ -60,6 +60,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 from keras_infini import InfiniTransformer  # noqa: E402
+from keras_infini.ops.memory import FEATURE_MAPS  # noqa: E402
 
 # ----------------------------------------------------------------------------- text
 FILLER = (
@@ -366,7 +367,7 @@ def parse_args(argv):
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--update", choices=("linear", "delta"), default="delta")
     p.add_argument("--init-state-learnable", action="store_true")
-    p.add_argument("--memory-feature-map", choices=("elu1", "l2", "elu1_l2"), default="elu1",
+    p.add_argument("--memory-feature-map", choices=FEATURE_MAPS, default="elu1",
                    help="feature map of the memory's queries and keys (README 'Memory options')")
     p.add_argument("--write-strength", nargs="?", const=True, default=False,
                    choices=("sigmoid", "hard_sigmoid"),
@@ -380,7 +381,7 @@ def parse_args(argv):
     p.add_argument("--memory-decay", nargs="?", const=True, default=False,
                    choices=("coupled",),
                    help="learned per-token memory decay (Gated DeltaNet; needs --update "
-                        "delta and --memory-feature-map l2 or elu1_l2); 'coupled': decay "
+                        "delta and a unit-key map: l2, elu1_l2, dpfp*); 'coupled': decay "
                         "only as much as the token writes (needs --write-strength)")
     p.add_argument("--lr", type=float, default=4e-3, help="peak learning rate")
     p.add_argument("--embedding-scale", type=float, default=1.0,

@@ -148,7 +148,8 @@ def sequence_tensor(name, value, inputs):
 
 
 def state(value, inputs, num_heads, dim_key, dim_value, name="initial_state"):
-    """`(memory (batch, heads, dim_key, dim_value), norm (batch, heads, dim_key))`."""
+    """`(memory (batch, heads, dim_key, dim_value), norm (batch, heads, dim_key))`;
+    `dim_key` is the memory's key width (the layer's `memory_dim`)."""
     if value is None:
         return None
     batch = inputs.shape[0]
@@ -165,7 +166,7 @@ def state(value, inputs, num_heads, dim_key, dim_value, name="initial_state"):
         ):
             raise ValueError(
                 f"Invalid {name}: {part} has shape {got}, expected {shape} (batch of the "
-                f"inputs {_shape(inputs)}, num_heads={num_heads}, dim_key={dim_key}, "
+                f"inputs {_shape(inputs)}, num_heads={num_heads}, memory key width {dim_key}, "
                 f"dim_value={dim_value})."
             )
     return value

@@ -105,6 +105,10 @@ CASES = [
     ("mod", "delta", "rope", 1, {"memory_feature_map": "elu1_l2", "memory_decay": True}),
     ("block", "delta", "rope", 1, {"memory_feature_map": "l2", "write_strength": "hard_sigmoid",
                                    "memory_decay": "coupled"}),
+    # Maps wider than dim_key: the cache's memory and normaliser take their width.
+    ("cm", "delta", "rope", 4, {"memory_feature_map": "taylor", "write_strength": True}),
+    ("mod", "delta", "rope", 1, {"memory_feature_map": "dpfp2", "init_state_learnable": True,
+                                 "write_strength": "hard_sigmoid", "memory_decay": "coupled"}),
 ]
 
 

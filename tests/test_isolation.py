@@ -141,6 +141,8 @@ MEMORY_OPTIONS = [
     ("delta", dict(memory_feature_map="l2", write_strength="hard_sigmoid", gate_lr_scale=10.0,
                    memory_decay=True)),
     ("delta", dict(memory_feature_map="elu1_l2", write_strength=True, memory_decay="coupled")),
+    ("delta", dict(memory_feature_map="dpfp", write_strength="hard_sigmoid", memory_decay=True)),
+    ("linear", dict(memory_feature_map="taylor", write_strength=True)),
 ]
 
 

@@ -22,12 +22,32 @@ B, D, H, DK, DV, S = 2, 8, 2, 4, 3, 4
 ATOL = 2e-5
 
 
+NORMALISED = ("elu1", "taylor")  # read `phi(q) M / (phi(q) z + eps)`; the others `phi(q) M`
+
+
 def phi(t, name):
+    """The feature maps from their papers' equations, float64, one vector at a time."""
+    t = np.asarray(t, np.float64)
     if name == "elu1":
         return ref.sigma(t)
+    if name == "taylor":  # Based: phi(q) . phi(k) = 1 + s + s^2 / 2, s = q . k / sqrt(d)
+        d = len(t)
+        second = [t[i] * t[j] / (math.sqrt(2.0) * math.sqrt(d))
+                  for i in range(d) for j in range(d)]
+        return np.concatenate([[1.0], t / d ** 0.25, second])
+    if name.startswith("dpfp"):  # DPFP-nu (Schlag et al. 2021), then unit L2 norm
+        nu = int(name[4:] or 1)
+        r = np.concatenate([np.maximum(t, 0.0), np.maximum(-t, 0.0)])
+        t = np.array([r[i] * r[(i - j) % len(r)] for j in range(1, nu + 1)
+                      for i in range(len(r))])
     if name == "elu1_l2":
         t = ref.sigma(t)
     return t / max(np.linalg.norm(t), 1e-6)
+
+
+def width(name):
+    """The memory's key width for `name` (the reference's own count)."""
+    return len(phi(np.ones(DK), name))
 
 
 def beta_of(raw, kind):
@@ -43,7 +63,8 @@ def reference(x, wq, wk, wv, wo, gate, *, segment_len, update, causal, feature_m
     """Infini-attention with the options, one batch element, head and token at a time.
 
     phi: "elu1" (read `phi(q) M / (phi(q) z + eps)`), "l2" (`t / ||t||`, read
-    `phi(q) M`) or "elu1_l2" (`sigma(t) / ||sigma(t)||`, read `phi(q) M`). Write strength
+    `phi(q) M`), "elu1_l2" (`sigma(t) / ||sigma(t)||`, read `phi(q) M`), "dpfp*" (DPFP-nu
+    over its L2 norm, read `phi(q) M`) or "taylor" (read like "elu1"); see `phi`. Write strength
     beta_t = f(x_t wb + bb) (1 without `wb`), f sigmoid or hard sigmoid (`beta_kind`):
     linear M += beta phi(k)^T v; delta M += beta phi(k)^T (v - read(phi(k))), reading the
     state before the segment ("elu1", the paper) or the current state (DeltaNet, the
@@ -58,14 +79,15 @@ def reference(x, wq, wk, wv, wo, gate, *, segment_len, update, causal, feature_m
     mask = np.ones((bsz, length), bool) if mask is None else np.asarray(mask, bool)
     x = np.where(mask[..., None], x, 0.0)  # a masked token enters as a zero input
     out = np.zeros((bsz, length, wo.shape[-1]))
-    memories = np.zeros((bsz, H, DK, DV))
-    norms = np.zeros((bsz, H, DK))
+    f = width(feature_map)
+    memories = np.zeros((bsz, H, f, DV))
+    norms = np.zeros((bsz, H, f))
     g = 1.0 / (1.0 + np.exp(-gate_scale * np.asarray(gate, np.float64)))
-    normalised = feature_map == "elu1"
+    normalised = feature_map in NORMALISED
     for b in range(bsz):
         for h in range(H):
-            m = np.zeros((DK, DV)) if memory0 is None else np.array(memory0[b, h], np.float64)
-            z = np.zeros(DK) if norm0 is None else np.array(norm0[b, h], np.float64)
+            m = np.zeros((f, DV)) if memory0 is None else np.array(memory0[b, h], np.float64)
+            z = np.zeros(f) if norm0 is None else np.array(norm0[b, h], np.float64)
 
             def read(vec, m=None, z=None):
                 f = phi(vec, feature_map)
@@ -159,7 +181,11 @@ def inputs(length, batch=B, seed=0):
 
 OPTIONS = list(itertools.product(["linear", "delta"], ["elu1", "l2", "elu1_l2"],
                                  [False, True])) + [("linear", "elu1", "hard_sigmoid"),
-                                                     ("delta", "l2", "hard_sigmoid")]
+                                                     ("delta", "l2", "hard_sigmoid")] + [
+    # The maps that widen the memory key (DPFP, Taylor).
+    ("linear", "taylor", False), ("delta", "taylor", False), ("delta", "taylor", True),
+    ("linear", "dpfp", True), ("delta", "dpfp", False), ("delta", "dpfp2", "hard_sigmoid"),
+    ("delta", "dpfp3", True)]
 
 
 @pytest.mark.parametrize("length", [8, 14])
@@ -178,6 +204,32 @@ def test_matches_reference(update, feature_map, write_strength, length):
     np.testing.assert_allclose(to_numpy(memory), want_m, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(to_numpy(norm), want_z, atol=1e-4, rtol=1e-5)
     assert keras.backend.standardize_dtype(memory.dtype) == "float32"
+    assert tuple(memory.shape) == (B, H, width(feature_map), DV) == \
+        (B, H, layer.memory_dim, DV)
+
+
+def test_wide_feature_maps_follow_their_equations():
+    """The reference's maps (and so the layer's, via test_matches_reference) are the
+    papers': Taylor's inner product is `1 + s + s^2 / 2` (`s = q . k / sqrt(dk)`), DPFP-1
+    has `2 dk` non-negative features `r_i r_{i-1}`, zero where neighbours' signs differ;
+    and `memory_ops.feature_map` equals the reference on random vectors."""
+    rng = np.random.default_rng(11)
+    q, k = rng.normal(size=(2, DK))
+    s = q @ k / math.sqrt(DK)
+    np.testing.assert_allclose(phi(q, "taylor") @ phi(k, "taylor"), 1 + s + s * s / 2,
+                               rtol=1e-12)
+    assert width("taylor") == 1 + DK + DK * DK
+    for nu in (1, 2, 3):
+        assert width("dpfp" if nu == 1 else f"dpfp{nu}") == 2 * DK * nu
+    t = np.array([1.0, 2.0, -3.0, 0.5])  # r = [1, 2, 0, .5, 0, 0, 3, 0]
+    raw = np.array([0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # r_i r_{i-1}, cyclic
+    np.testing.assert_allclose(phi(t, "dpfp"), raw / 2.0, rtol=1e-12)
+    x = rng.normal(size=(3, DK)).astype("float32")
+    for name in ("dpfp", "dpfp2", "dpfp3", "taylor"):
+        got = to_numpy(memory_ops.feature_map(keras.ops.convert_to_tensor(x), name))
+        want = np.stack([phi(row, name) for row in x])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+        assert memory_ops.feature_dim(name, DK) == width(name)
 
 
 def test_reference_with_paper_options_is_the_paper_reference():
@@ -427,6 +479,8 @@ def test_config_round_trip_and_saving(tmp_path, decay):
     [
         (dict(memory_feature_map="elu"), "memory_feature_map"),
         (dict(memory_feature_map=None), "memory_feature_map"),
+        (dict(memory_feature_map="dpfp4"), "memory_feature_map"),
+        (dict(memory_feature_map="Taylor"), "memory_feature_map"),
         (dict(write_strength=1), "write_strength"),
         (dict(write_strength="yes"), "write_strength"),
         (dict(write_strength="hard"), "write_strength"),
@@ -448,6 +502,44 @@ def test_bad_arguments(kwargs, name):
         InfiniTransformer(D, 16, DK, DV, H, "gelu", S, **kwargs)
 
 
+@pytest.mark.parametrize("feature_map", ["dpfp2", "taylor"])
+def test_wide_memory_state_shapes_saving_and_streaming(tmp_path, feature_map):
+    """With a map wider than `dim_key` every piece of state has the feature width: the
+    learned initial state, `initial_state` (a `dim_key`-wide one is refused by name),
+    the returned state, streaming by chunks and a saved model."""
+    f = width(feature_map)
+    layer = CompressiveMemory(D, DK, DV, H, S, update="delta", causal=True,
+                              memory_feature_map=feature_map, write_strength=True,
+                              init_state_learnable=True, return_state=True, name="m")
+    x = inputs(3 * S)
+    out, memory, norm = layer(x)
+    assert tuple(layer.initial_memory.shape) == (H, f, DV)
+    assert tuple(layer.initial_norm.shape) == (H, f)
+    assert tuple(memory.shape) == (B, H, f, DV) and tuple(norm.shape) == (B, H, f)
+    assert layer.compute_output_shape((B, 3 * S, D))[1] == (B, H, f, DV)
+    narrow = (np.zeros((B, H, DK, DV), "float32"), np.ones((B, H, DK), "float32"))
+    with pytest.raises(ValueError, match="initial_state"):
+        layer(x, initial_state=narrow)
+    first, m1, z1 = layer(x[:, :S])
+    second, m2, z2 = layer(x[:, S:], initial_state=(m1, z1))
+    np.testing.assert_allclose(np.concatenate([to_numpy(first), to_numpy(second)], 1),
+                               to_numpy(out), atol=1e-5)
+    np.testing.assert_allclose(to_numpy(m2), to_numpy(memory), atol=1e-5)
+    for block in (InfiniTransformer(D, 16, DK, DV, H, "gelu", S, update="delta",
+                                    memory_feature_map=feature_map, return_state=True),
+                  MoDInfiniTransformer(D, 16, DK, DV, H, "gelu", S, sampling_factor=2,
+                                       update="delta", memory_feature_map=feature_map,
+                                       return_state=True)):
+        assert block.memory_dim == f
+        assert tuple(block(x)[-2].shape) == (B, H, f, DV)
+    inp = keras.Input((None, D))
+    model = keras.Model(inp, layer(inp)[0])
+    path = str(tmp_path / "wide.keras")
+    model.save(path)
+    np.testing.assert_allclose(to_numpy(keras.models.load_model(path)(x)), to_numpy(out),
+                               atol=1e-6)
+
+
 def test_hard_sigmoid_write_strength_skips_tokens_exactly_and_saves():
     """Tokens whose write logit is below -3 leave the memory exactly unchanged (the
     sigmoid's small writes add up over long inputs); "sigmoid" is saved as True."""
@@ -467,7 +559,8 @@ def test_hard_sigmoid_write_strength_skips_tokens_exactly_and_saves():
 
 # ----------------------------------------------------------------------------- decay
 DECAY_OPTIONS = [("l2", "hard_sigmoid", True), ("l2", False, True), ("elu1_l2", True, True),
-                 ("l2", "hard_sigmoid", "coupled"), ("elu1_l2", True, "coupled")]
+                 ("l2", "hard_sigmoid", "coupled"), ("elu1_l2", True, "coupled"),
+                 ("dpfp", "hard_sigmoid", "coupled"), ("dpfp2", True, True)]
 
 
 @pytest.mark.parametrize("length", [8, 14])
@@ -481,8 +574,9 @@ def test_decay_matches_reference(feature_map, write_strength, decay, length):
     x = inputs(length)
     mask = np.random.default_rng(3).uniform(size=(B, length)) > 0.3
     mask[0, :4] = False
-    m0 = np.random.default_rng(8).normal(size=(B, H, DK, DV)).astype("float32")
-    z0 = np.ones((B, H, DK), "float32")
+    f = layer.memory_dim
+    m0 = np.random.default_rng(8).normal(size=(B, H, f, DV)).astype("float32")
+    z0 = np.ones((B, H, f), "float32")
     out, memory, norm = layer(x, mask=mask, initial_state=(m0, z0))
     want, want_m, want_z = reference_for(layer, x, mask=mask, memory0=m0, norm0=z0)
     np.testing.assert_allclose(to_numpy(out), want, atol=ATOL, rtol=1e-4)
@@ -530,7 +624,9 @@ def test_decay_gradients_and_bad_arguments():
     for var, g in zip(layer.trainable_variables, grads):
         assert g is not None and np.all(np.isfinite(g)) and np.abs(g).max() > 0, var.path
     for kwargs in (dict(update="linear", memory_feature_map="l2"),
-                   dict(update="delta", memory_feature_map="elu1")):
+                   dict(update="delta", memory_feature_map="elu1"),
+                   dict(update="delta", memory_feature_map="taylor"),
+                   dict(update="linear", memory_feature_map="dpfp")):
         with pytest.raises(ValueError, match="memory_decay"):
             CompressiveMemory(D, DK, DV, H, S, memory_decay=True, **kwargs)
     with pytest.raises(ValueError, match="memory_decay='coupled' with write_strength=False"):
@@ -549,7 +645,24 @@ GRADIENT_OPTIONS = [
     ("delta", "l2", "hard_sigmoid", True),
     ("delta", "elu1_l2", True, True),
     ("delta", "l2", "hard_sigmoid", "coupled"),
+    ("delta", "taylor", "hard_sigmoid", False),
+    ("delta", "dpfp", "hard_sigmoid", "coupled"),
 ]
+
+
+def _keep_off_relu_kinks(layer, x, margin=0.03):
+    """DPFP is piecewise (relu): a central difference whose step moves a query or key
+    component across 0 is not a derivative. Query and key kernels drawn (the same on every
+    backend) so that every component is at least `margin` from 0, ~10x the change a step
+    of the test makes."""
+    for seed in range(200):
+        rng = np.random.default_rng(100 + seed)
+        wq, wk = rng.normal(size=(2, D, H, DK))
+        if min(np.abs(np.einsum("bld,dhk->blhk", x, w)).min() for w in (wq, wk)) > margin:
+            layer.query_dense.kernel.assign(wq.astype("float32"))
+            layer.key_dense.kernel.assign(wk.astype("float32"))
+            return
+    raise AssertionError("no kernels clear of the relu kinks")
 
 
 @pytest.mark.parametrize("update,feature_map,write_strength,decay", GRADIENT_OPTIONS)
@@ -567,6 +680,8 @@ def test_gradients_match_reference_finite_differences(update, feature_map, write
         layer.beta_dense.bias.assign(np.zeros((H,), "float32"))
     length = 3 * S
     x = inputs(length)
+    if feature_map.startswith("dpfp"):
+        _keep_off_relu_kinks(layer, x)
     mask = np.random.default_rng(4).uniform(size=(B, length)) > 0.25
     target = np.random.default_rng(6).normal(size=(B, length, D))
     variables = layer.trainable_variables

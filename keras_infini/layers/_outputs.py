@@ -9,8 +9,8 @@ class StatefulOutputsMixin:
 
     `return_state` is a constructor argument and can be overridden per call
     (`layer(x, initial_state=s, return_state=True)`), which the streaming helpers use.
-    Subclasses provide `dim_input`, `num_heads`, `dim_key`, `dim_value`, `return_state`
-    and may override `extra_output_specs`.
+    Subclasses provide `dim_input`, `num_heads`, `memory_dim` (the memory's key width),
+    `dim_value`, `return_state` and may override `extra_output_specs`.
     """
 
     def returns_state(self, return_state=None):
@@ -32,8 +32,8 @@ class StatefulOutputsMixin:
         specs += self.extra_output_specs(input_shape)
         if self.returns_state(return_state):
             b, h = input_shape[0], self.num_heads
-            specs += [((b, h, self.dim_key, self.dim_value), "float32"),
-                      ((b, h, self.dim_key), "float32")]
+            specs += [((b, h, self.memory_dim, self.dim_value), "float32"),
+                      ((b, h, self.memory_dim), "float32")]
         return specs
 
     def compute_output_shape(self, input_shape, *args, return_state=None, **kwargs):

@@ -146,7 +146,16 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             paper's segment-level form sums the segment's `beta k^T k` into one step,
             which grows without bound over segments for similar unit keys. The
             normaliser `z` is still accumulated (from the write keys) so the state keeps
-            its shape.
+            its shape. Two maps widen the memory key beyond `dim_key` (the state is
+            `(memory_dim, dim_value)`, attribute `memory_dim`): `"dpfp"`, `"dpfp2"`,
+            `"dpfp3"`, DPFP-nu (Schlag et al. 2021, nu = 1, 2, 3: with
+            `r = [relu(t), relu(-t)]`, `phi(t) = [r * roll(r, 1), ..., r * roll(r, nu)]`,
+            `2 dim_key nu` sparse non-negative features) divided by its L2 norm and read
+            like `"l2"` (unit keys; the paper sum-normalises); and `"taylor"`, the
+            second-order Taylor map of "Based" (Arora et al. 2024),
+            `phi(t) = [1, t / dk^(1/4), vec(t t^T) / (sqrt(2) sqrt(dk))]`
+            (`1 + dk + dk^2` features, `phi(q) . phi(k) = 1 + s + s^2 / 2` with
+            `s = q . k / sqrt(dk)`), positive, so read with the normaliser like `"elu1"`.
         write_strength: `False` (default), `True` (or `"sigmoid"`) or
             `"hard_sigmoid"`: a learned write strength per token and head,
             `beta = f(x W_beta + b_beta)` (sublayer `beta_dense`, bias zeros: 0.5 at
@@ -192,8 +201,9 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             to nor written to memory. Propagated to the output.
         positions: optional `(batch, seq_len)` integer segment-local positions for the
             embedder (default `0..segment_len-1` in every segment).
-        initial_state: optional `(memory (batch, heads, dim_key, dim_value),
-            norm (batch, heads, dim_key))`, overriding the default initial state.
+        initial_state: optional `(memory (batch, heads, memory_dim, dim_value),
+            norm (batch, heads, memory_dim))`, overriding the default initial state
+            (`memory_dim` is `dim_key`, or the feature width of "dpfp*" / "taylor").
         training: unused (no dropout), accepted for Keras compatibility.
         return_state: optional per-call override of the constructor's `return_state`.
         cache: optional decode cache from `build_cache(batch_size)` (causal layers only):
@@ -256,6 +266,8 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         self.memory_feature_map = validation.choice(
             "memory_feature_map", memory_feature_map, memory_ops.FEATURE_MAPS
         )
+        # Width of the memory's keys: `dim_key`, wider for "dpfp*" and "taylor".
+        self.memory_dim = memory_ops.feature_dim(self.memory_feature_map, self.dim_key)
         self.write_strength = validation.write_strength(write_strength)
         self.gate_lr_scale = float(validation.positive_real("gate_lr_scale", gate_lr_scale))
         self.memory_decay = validation.memory_decay(memory_decay)
@@ -264,8 +276,8 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             raise ValueError(
                 f"Invalid memory_decay={self.memory_decay!r} with update={self.update!r} and "
                 f"memory_feature_map={self.memory_feature_map!r}: the decay applies to the "
-                "token-level delta rule, update='delta' with memory_feature_map 'l2' or "
-                "'elu1_l2'."
+                "token-level delta rule, update='delta' with a unit-key memory_feature_map "
+                f"{tuple(m for m in memory_ops.FEATURE_MAPS if m not in memory_ops.NORMALISED_FEATURE_MAPS)}."
             )
         if self.memory_decay == "coupled" and not self.write_strength:
             raise ValueError(
@@ -355,14 +367,14 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             # autocast=False: recurrent state stays float32 under mixed precision.
             self.initial_memory = self.add_weight(
                 name="initial_memory",
-                shape=(h, dk, dv),
+                shape=(h, self.memory_dim, dv),
                 initializer="zeros",
                 autocast=False,
                 dtype="float32",
             )
             self.initial_norm = self.add_weight(
                 name="initial_norm",
-                shape=(h, dk),
+                shape=(h, self.memory_dim),
                 initializer="ones",
                 constraint=keras.constraints.NonNeg(),
                 autocast=False,
@@ -394,8 +406,9 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
 
     # ------------------------------------------------------------------ state
     def get_initial_state(self, batch_size):
-        """The state before the first segment: `(memory, norm)`, float32."""
-        h, dk, dv = self.num_heads, self.dim_key, self.dim_value
+        """The state before the first segment: `(memory (batch, heads, memory_dim,
+        dim_value), norm (batch, heads, memory_dim))`, float32."""
+        h, dk, dv = self.num_heads, self.memory_dim, self.dim_value
         if self.init_state_learnable:
             memory = ops.broadcast_to(
                 ops.cast(self.initial_memory, "float32")[None], (batch_size, h, dk, dv)
@@ -418,7 +431,7 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         mask = validation.sequence_tensor("mask", mask, inputs)
         positions = validation.sequence_tensor("positions", positions, inputs)
         initial_state = validation.state(
-            initial_state, inputs, self.num_heads, self.dim_key, self.dim_value
+            initial_state, inputs, self.num_heads, self.memory_dim, self.dim_value
         )
         length = segment_ops.static_or_dynamic_dim(inputs, 1)
         batch = segment_ops.static_or_dynamic_dim(inputs, 0)
@@ -653,9 +666,10 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         """`{name: shape}` of the cache `build_cache(batch_size)` returns."""
         b, h, dk, dv, s = batch_size, self.num_heads, self.dim_key, self.dim_value, \
             self.segment_len
+        f = self.memory_dim
         shapes = {
-            "memory": (b, h, dk, dv), "norm": (b, h, dk),
-            "memory_update": (b, h, dk, dv), "norm_update": (b, h, dk),
+            "memory": (b, h, f, dv), "norm": (b, h, f),
+            "memory_update": (b, h, f, dv), "norm_update": (b, h, f),
             "key": (b, s, h, dk), "value": (b, s, h, dv), "valid": (b, s), "length": (b,),
         }
         if self.memory_decay:  # log of the decay of `memory` over the segment so far
@@ -667,7 +681,8 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         initial state (learned, with `init_state_learnable`), an empty current segment.
 
         Fixed shapes, whatever the length decoded: `memory`/`memory_update`
-        `(b, h, dk, dv)` and `norm`/`norm_update` `(b, h, dk)` float32, the current
+        `(b, h, f, dv)` and `norm`/`norm_update` `(b, h, f)` float32 (`f` is
+        `memory_dim`: `dim_key`, or the width of the "dpfp*" / "taylor" feature map), the current
         segment's `key` `(b, S, h, dk)` and `value` `(b, S, h, dv)` in the compute dtype,
         `valid` `(b, S)` bool, `length` `(b,)` int32; with `memory_decay`, also
         `memory_decay` `(b, h)` float32, the log decay of `memory` since the segment

@@ -165,6 +165,11 @@ class InfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             self.dropout, dtype=self.dtype_policy, name="mlp_dropout"
         )
 
+    @property
+    def memory_dim(self):
+        """The memory's key width (`dim_key`, or the "dpfp*" / "taylor" feature width)."""
+        return self.attention.memory_dim
+
     def build(self, input_shape):
         if len(input_shape) != 3:
             raise ValueError(

@@ -203,6 +203,11 @@ class MoDInfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixi
         # be in `_BLOCK_SUBLAYERS` (checked by test_mod_infini_transformer).
         return [name for name in super().__dir__() if name != "block"]
 
+    @property
+    def memory_dim(self):
+        """The memory's key width (`dim_key`, or the "dpfp*" / "taylor" feature width)."""
+        return self.block.memory_dim
+
     def build(self, input_shape):
         self.block.build(input_shape)
         self.router.build((None, None, self.dim_input))
@@ -216,7 +221,7 @@ class MoDInfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixi
                                      initial_state, return_state)
         mask = validation.sequence_tensor("mask", mask, inputs)
         initial_state = validation.state(
-            initial_state, inputs, self.num_heads, self.dim_key, self.dim_value
+            initial_state, inputs, self.num_heads, self.memory_dim, self.dim_value
         )
         seg, k = self.segment_len, self.capacity
         if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(inputs.dtype)):

@@ -243,8 +243,54 @@ def retrieve(sigma_q, memory_before, norm_before):
 # key returns its value, not a value divided by an accumulated `phi(q) z`. "elu1_l2" is
 # `(elu + 1)` divided by its L2 norm, also read without normaliser: unit keys for the delta
 # rule that keep ELU+1's ability to learn sparse (nearly orthogonal) positive features.
-FEATURE_MAPS = ("elu1", "l2", "elu1_l2")
-NORMALISED_FEATURE_MAPS = ("elu1",)  # maps read with `/ (phi(q) z + eps)`
+#
+# Two maps from the literature widen the memory key beyond `dim_key` (the state is then
+# `(h, feature_dim, dv)`, see `feature_dim`), giving more nearly orthogonal keys:
+# "dpfp", "dpfp2", "dpfp3" are DPFP-nu (Schlag et al. 2021) with nu = 1, 2, 3: with
+# `r = [relu(t), relu(-t)]` (`2 dk`), `phi(t) = [r * roll(r, 1), ..., r * roll(r, nu)]`
+# (`2 dk nu` non-negative, sparse features), then divided by its L2 norm so the delta rule
+# stays a contraction (the paper sum-normalises instead), read like "l2". "taylor" is the
+# second-order Taylor map of "Based" (Arora et al. 2024),
+# `phi(t) = [1, t / dk^(1/4), vec(t t^T) / (sqrt(2) sqrt(dk))]` (`1 + dk + dk^2`), so that
+# `phi(q) . phi(k) = 1 + s + s^2 / 2 >= 1/2` with `s = q . k / sqrt(dk)`, the start of
+# `exp(s)`: positive, so it is read with the normaliser, like "elu1".
+FEATURE_MAPS = ("elu1", "l2", "elu1_l2", "dpfp", "dpfp2", "dpfp3", "taylor")
+NORMALISED_FEATURE_MAPS = ("elu1", "taylor")  # maps read with `/ (phi(q) z + eps)`
+_DPFP_NU = {"dpfp": 1, "dpfp2": 2, "dpfp3": 3}
+
+
+def feature_dim(name, dim_key):
+    """The width of `feature_map(x, name)` for keys of width `dim_key`: the memory's
+    first axis `M (feature_dim, dv)` and the normaliser's `z (feature_dim,)`."""
+    if name in _DPFP_NU:
+        return 2 * dim_key * _DPFP_NU[name]
+    if name == "taylor":
+        return 1 + dim_key + dim_key * dim_key
+    return dim_key
+
+
+def dpfp(x, nu):
+    """Deterministic parameter-free projection (Schlag et al. 2021), float32, not
+    normalised: `r = [relu(x), relu(-x)]`, `[r * roll(r, 1), ..., r * roll(r, nu)]`
+    with `roll(r, j)[i] = r[i - j]` (cyclic)."""
+    x = ops.cast(x, "float32")
+    r = ops.concatenate([ops.relu(x), ops.relu(-x)], axis=-1)
+    rolled = [ops.concatenate([r[..., -j:], r[..., :-j]], axis=-1) for j in range(1, nu + 1)]
+    return ops.concatenate([r * shifted for shifted in rolled], axis=-1)
+
+
+def taylor(x):
+    """The second-order Taylor feature map of "Based", float32:
+    `[1, x / d^(1/4), vec(x x^T) / (sqrt(2) sqrt(d))]`, `d = x.shape[-1]` (static)."""
+    x = ops.cast(x, "float32")
+    d = int(x.shape[-1])
+    # The outer product as `d` static slices (no reshape of dynamic leading axes).
+    second = ops.concatenate([x[..., i:i + 1] * x for i in range(d)], axis=-1)
+    return ops.concatenate(
+        [ops.ones_like(x[..., :1]), x * (1.0 / d ** 0.25),
+         second * (1.0 / (math.sqrt(2.0) * math.sqrt(d)))],
+        axis=-1,
+    )
 
 
 def l2_normalize(x):
@@ -266,6 +312,10 @@ def feature_map(x, name):
         return l2_normalize(x)
     if name == "elu1_l2":
         return l2_normalize(sigma(x))
+    if name in _DPFP_NU:
+        return l2_normalize(dpfp(x, _DPFP_NU[name]))
+    if name == "taylor":
+        return taylor(x)
     raise ValueError(f"Unknown feature map {name!r}; expected one of {FEATURE_MAPS}.")
 
 
