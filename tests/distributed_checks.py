@@ -208,6 +208,16 @@ if "sequence" in SECTIONS:
                   memory(update="delta", causal=True, memory_feature_map="l2",
                          write_strength="hard_sigmoid", memory_decay=True), 123, (2, 4),
                   masked=True)
+    # The maps that widen the memory key: each device's affine map is then
+    # `(memory_dim, memory_dim + dv)` (the paper's normalised delta with "taylor", the
+    # gated token-level delta with "dpfp").
+    compare_layer("seq_taylor_delta_causal_mask_odd_2x4",
+                  memory(update="delta", causal=True, memory_feature_map="taylor"), 123,
+                  (2, 4), masked=True)
+    compare_layer("seq_dpfp_gated_deltanet_causal_mask_odd_2x4",
+                  memory(update="delta", causal=True, memory_feature_map="dpfp2",
+                         write_strength="hard_sigmoid", memory_decay="coupled"), 123, (2, 4),
+                  masked=True)
     # Data + sequence + model parallel training: batch x seq x model = 2 x 2 x 2: the
     # MoD block (top-k routing, router loss, causal delta with write strength: the
     # general delta path) of make_model().

@@ -345,6 +345,8 @@ SEQUENCE_CHECKS = [
     "seq_delta_noncausal_mask_learnable_rope_pad_2x4",
     "seq_deltanet_l2_causal_mask_odd_2x4",
     "seq_gated_deltanet_causal_mask_odd_2x4",
+    "seq_taylor_delta_causal_mask_odd_2x4",
+    "seq_dpfp_gated_deltanet_causal_mask_odd_2x4",
 ]
 
 
