@@ -276,8 +276,8 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             raise ValueError(
                 f"Invalid memory_decay={self.memory_decay!r} with update={self.update!r} and "
                 f"memory_feature_map={self.memory_feature_map!r}: the decay applies to the "
-                "token-level delta rule, update='delta' with a unit-key memory_feature_map "
-                f"{tuple(m for m in memory_ops.FEATURE_MAPS if m not in memory_ops.NORMALISED_FEATURE_MAPS)}."
+                "token-level delta rule, update='delta' with a unit-key memory_feature_map, "
+                f"one of {memory_ops.UNIT_KEY_FEATURE_MAPS}."
             )
         if self.memory_decay == "coupled" and not self.write_strength:
             raise ValueError(
@@ -682,9 +682,9 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
 
         Fixed shapes, whatever the length decoded: `memory`/`memory_update`
         `(b, h, f, dv)` and `norm`/`norm_update` `(b, h, f)` float32 (`f` is
-        `memory_dim`: `dim_key`, or the width of the "dpfp*" / "taylor" feature map), the current
-        segment's `key` `(b, S, h, dk)` and `value` `(b, S, h, dv)` in the compute dtype,
-        `valid` `(b, S)` bool, `length` `(b,)` int32; with `memory_decay`, also
+        `memory_dim`: `dim_key`, or the width of the "dpfp*" / "taylor" feature map),
+        the current segment's `key` `(b, S, h, dk)` and `value` `(b, S, h, dv)` in the
+        compute dtype, `valid` `(b, S)` bool, `length` `(b,)` int32; with `memory_decay`, also
         `memory_decay` `(b, h)` float32, the log decay of `memory` since the segment
         began (the state after the segment's tokens so far is
         `exp(memory_decay) memory + memory_update`).

@@ -256,6 +256,7 @@ def retrieve(sigma_q, memory_before, norm_before):
 # `exp(s)`: positive, so it is read with the normaliser, like "elu1".
 FEATURE_MAPS = ("elu1", "l2", "elu1_l2", "dpfp", "dpfp2", "dpfp3", "taylor")
 NORMALISED_FEATURE_MAPS = ("elu1", "taylor")  # maps read with `/ (phi(q) z + eps)`
+UNIT_KEY_FEATURE_MAPS = ("l2", "elu1_l2", "dpfp", "dpfp2", "dpfp3")  # read `phi(q) M`
 _DPFP_NU = {"dpfp": 1, "dpfp2": 2, "dpfp3": 3}
 
 
