@@ -428,15 +428,35 @@ def test_fit_jit_compile(update):
         assert np.abs(to_numpy(var) - old).max() > 0, var.path
 
 
-def test_mixed_precision_state_is_float32():
+@pytest.mark.parametrize("feature_map", ["l2", "dpfp", "taylor"])
+def test_mixed_precision_state_is_float32(feature_map):
+    """Under mixed_bfloat16 the state (and the feature maps, computed in float32) stay
+    float32, and the output is close to the float32 layer's with the same weights."""
+    layer32 = CompressiveMemory(D, DK, DV, H, S, update="delta", causal=True,
+                                memory_feature_map=feature_map, write_strength=True,
+                                return_state=True)
+    want, want_m, _ = layer32(inputs(13))
     keras.config.set_dtype_policy("mixed_bfloat16")
     layer = CompressiveMemory(D, DK, DV, H, S, update="delta", causal=True,
-                              memory_feature_map="l2", write_strength=True, return_state=True)
+                              memory_feature_map=feature_map, write_strength=True,
+                              return_state=True)
+    layer.build((None, None, D))
+    layer.set_weights(layer32.get_weights())
     out, memory, norm = layer(inputs(13))
     assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
     assert keras.backend.standardize_dtype(memory.dtype) == "float32"
     assert keras.backend.standardize_dtype(norm.dtype) == "float32"
-    assert np.all(np.isfinite(to_numpy(keras.ops.cast(out, "float32"))))
+    out32 = to_numpy(keras.ops.cast(out, "float32"))
+    assert np.all(np.isfinite(out32))
+    if feature_map == "dpfp":
+        # DPFP's products of relus can nearly vanish for a 4-wide key; the direction of
+        # such a vector, once normalised, moves with bfloat16 rounding of the projection
+        # (measured: one output off by 0.3 on PyTorch). Dtypes and finiteness only.
+        return
+    scale = np.abs(to_numpy(want)).max()
+    assert np.abs(out32 - to_numpy(want)).max() < 0.05 * scale
+    assert np.abs(to_numpy(memory) - to_numpy(want_m)).max() < 0.05 * np.abs(
+        to_numpy(want_m)).max()
 
 
 OPTION_KWARGS = dict(update="delta", memory_feature_map="l2", write_strength=True,
