@@ -230,6 +230,11 @@ def test_wide_feature_maps_follow_their_equations():
         want = np.stack([phi(row, name) for row in x])
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
         assert memory_ops.feature_dim(name, DK) == width(name)
+    # A key of width 1: r has 2 features, so rolls by 2 and 3 wrap around.
+    one = np.array([[0.7], [-1.3]], "float32")
+    got = to_numpy(memory_ops.feature_map(keras.ops.convert_to_tensor(one), "dpfp3"))
+    np.testing.assert_allclose(got, np.stack([phi(row, "dpfp3") for row in one]),
+                               rtol=1e-6, atol=1e-7)
 
 
 def test_reference_with_paper_options_is_the_paper_reference():
