@@ -256,7 +256,8 @@ def retrieve(sigma_q, memory_before, norm_before):
 # `exp(s)`: positive, so it is read with the normaliser, like "elu1".
 FEATURE_MAPS = ("elu1", "l2", "elu1_l2", "dpfp", "dpfp2", "dpfp3", "taylor")
 NORMALISED_FEATURE_MAPS = ("elu1", "taylor")  # maps read with `/ (phi(q) z + eps)`
-UNIT_KEY_FEATURE_MAPS = ("l2", "elu1_l2", "dpfp", "dpfp2", "dpfp3")  # read `phi(q) M`
+# The rest are unit-key maps, read `phi(q) M` (derived, so the two lists cannot drift).
+UNIT_KEY_FEATURE_MAPS = tuple(m for m in FEATURE_MAPS if m not in NORMALISED_FEATURE_MAPS)
 _DPFP_NU = {"dpfp": 1, "dpfp2": 2, "dpfp3": 3}
 
 
