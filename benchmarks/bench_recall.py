@@ -31,13 +31,14 @@ Configurations (`--configs`, see `CONFIGS`):
   reach >= 95% on every seed before any memory number counts.
 - `floor`: cross-segment data, gate pinned shut: local attention only, chance expected.
 - the memory configurations: cross-segment data, `CompressiveMemory` options as named.
-  `delta-l2-hard-decay-gate` (token-level delta rule on L2-normalised keys,
-  `write_strength="hard_sigmoid"`, `gate_lr_scale=10`, `memory_decay=True`: Gated
-  DeltaNet) is the recommended configuration; `delta-l2-hard-gate` is the same without
-  the decay; `delta-l2-hard-decay-split` starts half the heads local (gate logit -2) and
-  half on the memory (+2), as `examples/passkey.py --gate-init=-2,-2,2,2` does;
-  `delta-l2-hard-coupled-gate` decays only as much as a token writes
-  (`memory_decay="coupled"`). Every run: benchmarks/RECALL_RESULTS.md.
+  `delta-l2-hard-coupled-gate` (token-level delta rule on L2-normalised keys,
+  `write_strength="hard_sigmoid"`, `gate_lr_scale=10`, `memory_decay="coupled"`: Gated
+  DeltaNet's decay, taken only as much as a token writes) is the recommended
+  configuration; `delta-l2-hard-decay-gate` is the same with the plain decay
+  (`memory_decay=True`), `delta-l2-hard-gate` the same without a decay;
+  `delta-l2-hard-decay-split` starts half the heads local (gate logit -2) and half on the
+  memory (+2), as `examples/passkey.py --gate-init=-2,-2,2,2` does. Every run:
+  benchmarks/RECALL_RESULTS.md.
 
 Each (configuration, pairs, seed) runs in its own subprocess on the backend chosen by
 `KERAS_BACKEND`; the parent prints a markdown table (mean and per-seed accuracy at every

@@ -133,11 +133,14 @@ def test_streaming_with_nan_in_a_later_chunk_keeps_earlier_outputs():
     np.testing.assert_allclose(out_b[:, :2], whole[:, S:S + 2], rtol=1e-5, atol=1e-5)
 
 
-# The recommended memory (README "Memory options") and the other unit-norm map: a masked
-# token enters as a zero vector, where the L2 normalisation must have a finite gradient.
+# The recommended memory (README "Memory options": l2, hard write strength, coupled decay),
+# the plain decay and the other unit-norm maps: a masked token enters as a zero vector,
+# where the L2 normalisation must have a finite gradient.
 MEMORY_OPTIONS = [
     ("linear", {}),
     ("delta", {}),
+    ("delta", dict(memory_feature_map="l2", write_strength="hard_sigmoid", gate_lr_scale=10.0,
+                   memory_decay="coupled")),
     ("delta", dict(memory_feature_map="l2", write_strength="hard_sigmoid", gate_lr_scale=10.0,
                    memory_decay=True)),
     ("delta", dict(memory_feature_map="elu1_l2", write_strength=True, memory_decay="coupled")),

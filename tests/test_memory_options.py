@@ -433,18 +433,29 @@ def test_fit_jit_compile(update):
         assert np.abs(to_numpy(var) - old).max() > 0, var.path
 
 
-@pytest.mark.parametrize("feature_map", ["l2", "dpfp", "taylor"])
-def test_mixed_precision_state_is_float32(feature_map):
+# The recommended memory (README: l2, hard write strength, gate scale, coupled decay), the
+# plain decay, and the maps that widen the key.
+RECOMMENDED = dict(write_strength="hard_sigmoid", gate_lr_scale=10.0, memory_decay="coupled")
+
+
+@pytest.mark.parametrize("feature_map,options", [
+    ("l2", dict(write_strength=True)),
+    ("l2", RECOMMENDED),
+    ("l2", dict(write_strength="hard_sigmoid", memory_decay=True)),
+    ("dpfp", dict(write_strength=True)),
+    ("taylor", dict(write_strength=True)),
+])
+def test_mixed_precision_state_is_float32(feature_map, options):
     """Under mixed_bfloat16 the state (and the feature maps, computed in float32) stay
     float32, and the output is close to the float32 layer's with the same weights."""
     layer32 = CompressiveMemory(D, DK, DV, H, S, update="delta", causal=True,
-                                memory_feature_map=feature_map, write_strength=True,
-                                return_state=True)
+                                memory_feature_map=feature_map, return_state=True,
+                                **options)
     want, want_m, _ = layer32(inputs(13))
     keras.config.set_dtype_policy("mixed_bfloat16")
     layer = CompressiveMemory(D, DK, DV, H, S, update="delta", causal=True,
-                              memory_feature_map=feature_map, write_strength=True,
-                              return_state=True)
+                              memory_feature_map=feature_map, return_state=True,
+                              **options)
     layer.build((None, None, D))
     layer.set_weights(layer32.get_weights())
     out, memory, norm = layer(inputs(13))

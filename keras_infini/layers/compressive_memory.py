@@ -191,8 +191,9 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             weights (a scaled parametrisation; at 1.0 the layer is the paper's).
             For multi-key recall and passkey retrieval across segments
             `update="delta"`, `memory_feature_map="l2"`, `write_strength="hard_sigmoid"`,
-            `gate_lr_scale=10.0`, `memory_decay=True` measured best (README, "Memory options";
-            benchmarks/bench_recall.py, examples/passkey.py).
+            `gate_lr_scale=10.0`, `memory_decay="coupled"` measured best (README, "Memory
+            options"; benchmarks/bench_recall.py, examples/passkey.py,
+            examples/modinfiniformer.py).
         **kwargs: standard `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
     Call arguments:
