@@ -277,13 +277,8 @@ def dpfp(x, nu):
     with `roll(r, j)[i] = r[i - j]` (cyclic)."""
     x = ops.cast(x, "float32")
     r = ops.concatenate([ops.relu(x), ops.relu(-x)], axis=-1)
-    n = 2 * int(x.shape[-1])
-    rolled = []
-    for j in range(1, nu + 1):  # static: nu <= 3
-        shift = j % n  # a key of width 1 has 2 features: a roll by 2 is none
-        rolled.append(r if shift == 0 else
-                      ops.concatenate([r[..., -shift:], r[..., :-shift]], axis=-1))
-    return ops.concatenate([r * shifted for shifted in rolled], axis=-1)
+    # Static: nu <= 3. `ops.roll` wraps, so a width-1 key (2 features) is rolled right.
+    return ops.concatenate([r * ops.roll(r, j, axis=-1) for j in range(1, nu + 1)], axis=-1)
 
 
 def taylor(x):
