@@ -48,6 +48,11 @@ _RULES = (
     (_PREFIX + r"mlp_in/kernel", (None, "model")),
     (_PREFIX + r"mlp_in/bias", ("model",)),
     (_PREFIX + r"mlp_out/kernel", ("model", None)),
+    # Converted keras-hub decoders (InfiniDecoderBlock): gated MLP, gate/up on the hidden
+    # axis, down on its rows; Qwen's q/k/v biases (h, k) on heads.
+    (_PREFIX + r"mlp_(?:gate|up)/kernel", (None, "model")),
+    (_PREFIX + r"mlp_down/kernel", ("model", None)),
+    (_PREFIX + r"(?:query|key|value)/bias", ("model", None)),
     # Gated activations at width dim_hidden: their kernels are sharded on the dim_hidden
     # input axis (the FFN* inner width ceil(2 d / 3) rarely divides), `kernel_out`
     # (inner, hidden) on its hidden output axis.
@@ -66,7 +71,7 @@ _RULES = (
     # MLP output bias (D,).
     (
         _PREFIX
-        + r"(?:gate|initial_memory|initial_norm|router/kernel|router/bias|gamma|beta"
+        + r"(?:gate|initial_memory|initial_norm|router/kernel|router/bias|gamma|beta|scale"
         r"|mlp_out/bias|mlp_activation/bias_(?:gate|value))",
         (),
     ),

@@ -9,6 +9,7 @@ booleans, `nan` and `inf` are not sizes or rates.
 import math
 import numbers
 
+import keras
 import numpy as np
 
 # Upper bound of every size argument (widths, heads, segment lengths, vocabularies).
@@ -169,6 +170,51 @@ def state(value, inputs, num_heads, dim_key, dim_value, name="initial_state"):
                 f"inputs {_shape(inputs)}, num_heads={num_heads}, memory key width {dim_key}, "
                 f"dim_value={dim_value})."
             )
+    return value
+
+
+GATE_LR_SCALE_RANGE = (1e-4, 1e4)
+
+
+def gate_lr_scale(value, gate_init_value):
+    """`gate_lr_scale` in `[1e-4, 1e4]`, such that the stored gate `gate_init / scale` is a
+    finite float32 (the gate is stored and computed in float32 under any policy)."""
+    low, high = GATE_LR_SCALE_RANGE
+    value = float(real("gate_lr_scale", value, lambda v: low <= v <= high,
+                       f"a number in [{low:g}, {high:g}]"))
+    inits = gate_init_value if isinstance(gate_init_value, list) else [gate_init_value]
+    if any(abs(v) / value > 1e37 for v in inits):
+        raise ValueError(
+            f"Invalid gate_init={gate_init_value!r} with gate_lr_scale={value!r}: the stored "
+            "gate gate_init / gate_lr_scale must stay a finite float32 (below 1e37)."
+        )
+    return value
+
+
+def key_value_heads(value, num_heads):
+    """`num_key_value_heads`: None (= `num_heads`) or a positive divisor of `num_heads`."""
+    if value is None:
+        return num_heads
+    value = positive_int("num_key_value_heads", value)
+    if num_heads % value:
+        raise ValueError(
+            f"Invalid num_key_value_heads={value}: it must divide num_heads={num_heads} "
+            "(each key/value head serves num_heads // num_key_value_heads query heads)."
+        )
+    return value
+
+
+def optional_layer(name, value):
+    """None, a Keras layer, or a serialised Keras layer (a dict from `get_config`)."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = keras.saving.deserialize_keras_object(value)
+    if not isinstance(value, keras.layers.Layer):
+        raise ValueError(
+            f"Invalid {name}={value!r}: expected None or a Keras layer (e.g. an RMS norm "
+            "over the head width)."
+        )
     return value
 
 

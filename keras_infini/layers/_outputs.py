@@ -31,7 +31,7 @@ class StatefulOutputsMixin:
         specs = [((input_shape[0], input_shape[1], dim), self.compute_dtype)]
         specs += self.extra_output_specs(input_shape)
         if self.returns_state(return_state):
-            b, h = input_shape[0], self.num_heads
+            b, h = input_shape[0], getattr(self, "num_memory_heads", self.num_heads)
             specs += [((b, h, self.memory_dim, self.dim_value), "float32"),
                       ((b, h, self.memory_dim), "float32")]
         return specs

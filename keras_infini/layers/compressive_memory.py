@@ -18,6 +18,8 @@ from keras_infini import distribution
 from keras_infini import validation
 
 UPDATES = ("linear", "delta")
+MEMORY_HEADS = ("key_value", "query")
+MEMORY_GATES = ("sigmoid", "tanh")
 
 
 def _decay_bias_initializer(shape, dtype=None):
@@ -26,6 +28,10 @@ def _decay_bias_initializer(shape, dtype=None):
     heads = int(shape[0])
     steps = np.exp(np.linspace(np.log(1e-3), np.log(1e-1), heads))
     return ops.convert_to_tensor(np.log(np.expm1(steps)), dtype or "float32")
+
+
+def _serialize_layer(layer):
+    return None if layer is None else keras.saving.serialize_keras_object(layer)
 
 
 def _heads(dense, x):
@@ -59,7 +65,11 @@ def resolve_positional_embedder(positional_embedder, dim_key, segment_len):
         )
     if isinstance(positional_embedder, dict):
         positional_embedder = keras.saving.deserialize_keras_object(positional_embedder)
-    if not isinstance(positional_embedder, RoPEEmbeddings):
+    # RoPE / YaRN, or any layer that declares the same call (`x (..., S, dim)`,
+    # `positions=` broadcastable to `x.shape[:-1]`) and a `dim` (e.g. the adapter of a
+    # keras-hub rotary embedding in `keras_infini.models`).
+    if not (isinstance(positional_embedder, RoPEEmbeddings)
+            or getattr(positional_embedder, "keras_infini_positional_embedder", False)):
         raise ValueError(
             f"Invalid positional_embedder={positional_embedder!r}: expected None, 'rope', "
             "or a RoPEEmbeddings / YaRNEmbeddings instance."
@@ -243,6 +253,8 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         update="linear", causal=False, positional_embedder=None, init_state_learnable=False,
         return_state=False, group_tokens="auto", memory_feature_map="elu1",
         write_strength=False, gate_init=0.0, gate_lr_scale=1.0, memory_decay=False,
+        num_key_value_heads=None, memory_heads="key_value", memory_gate="sigmoid",
+        qkv_bias=False, query_norm=None, key_norm=None,
         **kwargs,
     ):
         kwargs = self.set_weight_args(kwargs, with_bias=False)
@@ -263,6 +275,16 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         )
         self.return_state = validation.boolean("return_state", return_state)
         self.group_tokens = loops.check_group_tokens(group_tokens)
+        self.num_key_value_heads = validation.key_value_heads(num_key_value_heads,
+                                                              self.num_heads)
+        self.memory_heads = validation.choice("memory_heads", memory_heads, MEMORY_HEADS)
+        # Heads of the memory state: one per key/value head (default) or per query head.
+        self.num_memory_heads = (self.num_key_value_heads if self.memory_heads == "key_value"
+                                 else self.num_heads)
+        self.memory_gate = validation.choice("memory_gate", memory_gate, MEMORY_GATES)
+        self.qkv_bias = validation.boolean("qkv_bias", qkv_bias)
+        self.query_norm = validation.optional_layer("query_norm", query_norm)
+        self.key_norm = validation.optional_layer("key_norm", key_norm)
         self.gate_init = validation.gate_init(gate_init, self.num_heads)
         self.memory_feature_map = validation.choice(
             "memory_feature_map", memory_feature_map, memory_ops.FEATURE_MAPS
@@ -270,7 +292,7 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         # Width of the memory's keys: `dim_key`, wider for "dpfp*" and "taylor".
         self.memory_dim = memory_ops.feature_dim(self.memory_feature_map, self.dim_key)
         self.write_strength = validation.write_strength(write_strength)
-        self.gate_lr_scale = float(validation.positive_real("gate_lr_scale", gate_lr_scale))
+        self.gate_lr_scale = validation.gate_lr_scale(gate_lr_scale, self.gate_init)
         self.memory_decay = validation.memory_decay(memory_decay)
         if self.memory_decay and (self.update != "delta" or self.memory_feature_map
                                   in memory_ops.NORMALISED_FEATURE_MAPS):
@@ -309,14 +331,18 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
                 f"Invalid inputs: last axis {last} does not match dim_input={self.dim_input}."
             )
         h, dk, dv, d = self.num_heads, self.dim_key, self.dim_value, self.dim_input
+        hkv, hm = self.num_key_value_heads, self.num_memory_heads
 
-        def projection(name, equation, output_shape):
+        def projection(name, equation, output_shape, bias_axes=None):
+            extra = {"bias_axes": bias_axes, "bias_initializer": "zeros"} if bias_axes \
+                else {}
             layer = keras.layers.EinsumDense(
                 equation,
                 output_shape=output_shape,
                 name=name,
                 dtype=self.dtype_policy,
                 **self.weight_kwargs(bias=False),
+                **extra,
             )
             return layer
 
@@ -324,15 +350,26 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         # never hands its (possibly masked) input tensor itself to a sublayer.
         # Heads after tokens: each projection writes one contiguous `(b, n, S, h, d)` block,
         # which `_heads` views as `(b, n, h, S, d)` (a plain matmul output, no permuted copy).
-        self.query_dense = projection("query", "bnsd,dhk->bnshk", (None, self.segment_len, h, dk))
-        self.key_dense = projection("key", "bnsd,dhk->bnshk", (None, self.segment_len, h, dk))
-        self.value_dense = projection("value", "bnsd,dhv->bnshv", (None, self.segment_len, h, dv))
+        # Grouped-query attention: keys and values have `num_key_value_heads` heads, each
+        # shared by `num_heads // num_key_value_heads` consecutive query heads.
+        bias = self.qkv_bias
+        self.query_dense = projection("query", "bnsd,dhk->bnshk",
+                                      (None, self.segment_len, h, dk), "hk" if bias else None)
+        self.key_dense = projection("key", "bnsd,dhk->bnshk",
+                                    (None, self.segment_len, hkv, dk), "hk" if bias else None)
+        self.value_dense = projection("value", "bnsd,dhv->bnshv",
+                                      (None, self.segment_len, hkv, dv), "hv" if bias else None)
         self.output_dense = projection("output", "bnhsv,hvd->bnsd", (None, self.segment_len, d))
         for dense in (self.query_dense, self.key_dense, self.value_dense):
             dense.build((None, None, self.segment_len, d))
         self.output_dense.build((None, None, h, self.segment_len, dv))
+        for norm in (self.query_norm, self.key_norm):
+            if norm is not None and not norm.built:
+                norm.build((None, None, h, self.segment_len, dk))
+        # float32 under any policy: the stored gate is `gate_init / gate_lr_scale`.
         self.gate = self.add_weight(
-            name="gate", shape=(h,), initializer=self._gate_initializer(), trainable=True
+            name="gate", shape=(h,), initializer=self._gate_initializer(), trainable=True,
+            dtype="float32", autocast=False,
         )
         if self.write_strength:
             # Heads last, bias `(h,)`: on TensorFlow, Keras 3.15's `ops.add` takes a
@@ -340,7 +377,7 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             # axis (here the number of segments) happens to equal `h`.
             self.beta_dense = keras.layers.EinsumDense(
                 "bnsd,dh->bnsh",
-                output_shape=(None, self.segment_len, h),
+                output_shape=(None, self.segment_len, hm),
                 bias_axes="h",
                 kernel_initializer="glorot_uniform",
                 name="write_strength",
@@ -350,39 +387,39 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         if self.memory_decay:
             self.decay_dense = keras.layers.EinsumDense(
                 "bnsd,dh->bnsh",
-                output_shape=(None, self.segment_len, h),
+                output_shape=(None, self.segment_len, hm),
                 kernel_initializer="glorot_uniform",
                 name="decay",
                 dtype=self.dtype_policy,
             )
             self.decay_dense.build((None, None, self.segment_len, d))
             self.decay_log_rate = self.add_weight(
-                name="decay_log_rate", shape=(h,), initializer="zeros", autocast=False,
+                name="decay_log_rate", shape=(hm,), initializer="zeros", autocast=False,
                 dtype="float32",
             )
             self.decay_bias = self.add_weight(
-                name="decay_bias", shape=(h,), initializer=_decay_bias_initializer,
+                name="decay_bias", shape=(hm,), initializer=_decay_bias_initializer,
                 autocast=False, dtype="float32",
             )
         if self.init_state_learnable:
             # autocast=False: recurrent state stays float32 under mixed precision.
             self.initial_memory = self.add_weight(
                 name="initial_memory",
-                shape=(h, self.memory_dim, dv),
+                shape=(hm, self.memory_dim, dv),
                 initializer="zeros",
                 autocast=False,
                 dtype="float32",
             )
             self.initial_norm = self.add_weight(
                 name="initial_norm",
-                shape=(h, self.memory_dim),
+                shape=(hm, self.memory_dim),
                 initializer="ones",
                 constraint=keras.constraints.NonNeg(),
                 autocast=False,
                 dtype="float32",
             )
         if self.positional_embedder is not None and not self.positional_embedder.built:
-            self.positional_embedder.build((None, None, h, dk))
+            self.positional_embedder.build((None, None, h, self.segment_len, dk))
         # Checked on every call once built: wrong rank or width -> ValueError.
         self.input_spec = keras.InputSpec(ndim=3, axes={-1: self.dim_input})
         self.built = True
@@ -390,26 +427,72 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
     def _gate_initializer(self):
         if self.gate_init == 0.0:
             return "zeros"  # the default, as before the option existed
-        scale = self.gate_lr_scale
+        raw = np.asarray(self.gate_init, "float64") / self.gate_lr_scale
 
         def initializer(shape, dtype=None):
-            raw = ops.convert_to_tensor(self.gate_init, "float32") / scale
-            return ops.cast(ops.broadcast_to(raw, shape), dtype or "float32")
+            # A fresh array (not a broadcast view: torch refuses to assign into one).
+            values = np.array(np.broadcast_to(raw, tuple(shape)), dtype=dtype or "float32")
+            return ops.convert_to_tensor(values, dtype or "float32")
 
         return initializer
 
     def gate_values(self):
-        """The gates `sigmoid(gate_lr_scale * gate)` per head, `(num_heads,)`."""
-        raw = ops.cast(self.gate, self.compute_dtype)
+        """The gates per head, `(num_heads,)`, in the compute dtype (computed in float32):
+        `sigmoid(gate_lr_scale * gate)` (`memory_gate="sigmoid"`) or
+        `tanh(gate_lr_scale * gate)` (`memory_gate="tanh"`)."""
+        raw = ops.cast(self.gate, "float32")
         if self.gate_lr_scale != 1.0:
             raw = raw * self.gate_lr_scale
-        return ops.sigmoid(raw)
+        gate = ops.sigmoid(raw) if self.memory_gate == "sigmoid" else ops.tanh(raw)
+        return ops.cast(gate, self.compute_dtype)
+
+    def _mix(self, retrieved, attended, gate):
+        """The heads' output from the memory read and the local attention: the paper's
+        `g A_mem + (1 - g) A_dot` (`"sigmoid"`), or `A_dot + g A_mem` (`"tanh"`)."""
+        if self.memory_gate == "sigmoid":
+            return gate * retrieved + (1.0 - gate) * attended
+        return attended + gate * retrieved
+
+    def _repeat_heads(self, t, axis=2):
+        """Key/value heads `(..., hkv, ...)` repeated for their query heads on `axis`."""
+        groups = self.num_heads // self.num_key_value_heads
+        return t if groups == 1 else ops.repeat(t, groups, axis=axis)
+
+    def _project(self, x, query=True):
+        """Queries `(b, n, h, S, dk)` (or None), keys `(b, n, hkv, S, dk)` and values
+        `(b, n, hkv, S, dv)` of folded tokens `x` `(b, n, S, D)`, with the q/k norms."""
+        q = _heads(self.query_dense, x) if query else None
+        k = _heads(self.key_dense, x)
+        v = _heads(self.value_dense, x)
+        if q is not None and self.query_norm is not None:
+            q = self.query_norm(q)
+        if self.key_norm is not None:
+            k = self.key_norm(k)
+        return q, k, v
+
+    def _read_memory(self, phi_q, memory, norm):
+        """The memory read of queries `phi_q` `(b, n, h, S, f)` from the state before each
+        segment (`(b, n, hm, f, dv)`, `(b, n, hm, f)`): `(b, n, h, S, dv)` float32. With a
+        memory per key/value head, each query head reads its group's memory."""
+        groups = self.num_heads // self.num_memory_heads
+        if groups > 1:
+            shape = ops.shape(phi_q)
+            s, f = phi_q.shape[3], phi_q.shape[4]
+            phi_q = ops.reshape(phi_q, (shape[0], shape[1], self.num_memory_heads,
+                                        groups * s, f))
+        if self.memory_feature_map in memory_ops.NORMALISED_FEATURE_MAPS:
+            read = memory_ops.retrieve(phi_q, memory, norm)
+        else:
+            read = memory_ops.retrieve_unnormalised(phi_q, memory)
+        if groups > 1:
+            read = ops.reshape(read, (shape[0], shape[1], self.num_heads, s, read.shape[-1]))
+        return read
 
     # ------------------------------------------------------------------ state
     def get_initial_state(self, batch_size):
         """The state before the first segment: `(memory (batch, heads, memory_dim,
         dim_value), norm (batch, heads, memory_dim))`, float32."""
-        h, dk, dv = self.num_heads, self.memory_dim, self.dim_value
+        h, dk, dv = self.num_memory_heads, self.memory_dim, self.dim_value
         if self.init_state_learnable:
             memory = ops.broadcast_to(
                 ops.cast(self.initial_memory, "float32")[None], (batch_size, h, dk, dv)
@@ -432,7 +515,7 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         mask = validation.sequence_tensor("mask", mask, inputs)
         positions = validation.sequence_tensor("positions", positions, inputs)
         initial_state = validation.state(
-            initial_state, inputs, self.num_heads, self.memory_dim, self.dim_value
+            initial_state, inputs, self.num_memory_heads, self.memory_dim, self.dim_value
         )
         length = segment_ops.static_or_dynamic_dim(inputs, 1)
         batch = segment_ops.static_or_dynamic_dim(inputs, 0)
@@ -538,9 +621,7 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             # before the projections, so no output and no weight gradient can see them. A
             # masked token's own output is the layer's output for a zero input.
             x = ops.where(valid[..., None], x, ops.zeros_like(x))
-        query = _heads(self.query_dense, x)  # (b, n, h, S, dk)
-        key = _heads(self.key_dense, x)
-        value = _heads(self.value_dense, x)  # (b, n, h, S, dv)
+        query, key, value = self._project(x)  # (b, n, h | hkv, S, d)
 
         # 1. Local attention, all segments at once.
         if self.positional_embedder is not None:
@@ -551,7 +632,8 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         else:
             query_rot, key_rot = query, key
         attended = attention_ops.local_attention(
-            query_rot, key_rot, value, valid, self.causal
+            query_rot, self._repeat_heads(key_rot), self._repeat_heads(value), valid,
+            self.causal,
         )
 
         # 2-3. Memory states before each segment (float32) and retrieval.
@@ -560,8 +642,7 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         )
 
         # 4. Gate per head (the caller concatenates heads and projects).
-        gate = self.gate_values()[:, None, None]  # (h, 1, 1)
-        mixed = gate * retrieved + (1.0 - gate) * attended
+        mixed = self._mix(retrieved, attended, self.gate_values()[:, None, None])
         return mixed, memory_final, norm_final
 
     def decay_values(self, x):
@@ -596,10 +677,7 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
                 sequence=sequence, log_decay=log_decay,
             )
         phi_q = memory_ops.feature_map(query, self.memory_feature_map)
-        if normalised:
-            retrieved = memory_ops.retrieve(phi_q, memory_before, norm_before)
-        else:
-            retrieved = memory_ops.retrieve_unnormalised(phi_q, memory_before)
+        retrieved = self._read_memory(phi_q, memory_before, norm_before)
         return ops.cast(retrieved, self.compute_dtype), memory_final, norm_final
 
     def _memory_keys(self, x, key, value, valid):
@@ -611,7 +689,9 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         unit-key maps, read keys and values are its segment-level inputs
         (`token_level_delta_inputs`, or `gated_token_level_delta_inputs` with the
         decay)."""
-        read_k = memory_ops.feature_map(key, self.memory_feature_map)  # (b, n, h, S, dk)
+        if self.num_memory_heads != self.num_key_value_heads:  # a memory per query head
+            key, value = self._repeat_heads(key), self._repeat_heads(value)
+        read_k = memory_ops.feature_map(key, self.memory_feature_map)  # (b, n, hm, S, f)
         write_k = read_k
         if self.write_strength:
             beta = ops.cast(self.beta_dense(x), "float32")  # (b, n, S, h)
@@ -665,13 +745,14 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
     # ------------------------------------------------------------------ decode cache
     def cache_shapes(self, batch_size):
         """`{name: shape}` of the cache `build_cache(batch_size)` returns."""
-        b, h, dk, dv, s = batch_size, self.num_heads, self.dim_key, self.dim_value, \
-            self.segment_len
-        f = self.memory_dim
+        b, h, dk, dv, s = batch_size, self.num_memory_heads, self.dim_key, \
+            self.dim_value, self.segment_len
+        f, hkv = self.memory_dim, self.num_key_value_heads
         shapes = {
             "memory": (b, h, f, dv), "norm": (b, h, f),
             "memory_update": (b, h, f, dv), "norm_update": (b, h, f),
-            "key": (b, s, h, dk), "value": (b, s, h, dv), "valid": (b, s), "length": (b,),
+            "key": (b, s, hkv, dk), "value": (b, s, hkv, dv), "valid": (b, s),
+            "length": (b,),
         }
         if self.memory_decay:  # log of the decay of `memory` over the segment so far
             shapes["memory_decay"] = (b, h)
@@ -761,9 +842,7 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         seg = self.segment_len
         write = ops.logical_and(ops.cast(write, "bool"), ops.cast(take, "bool"))
         xs = ops.where(write[:, None, None], x, ops.zeros_like(x))[:, :, None, :]
-        query = _heads(self.query_dense, xs)  # (b, 1, h, 1, dk)
-        key = _heads(self.key_dense, xs)
-        value = _heads(self.value_dense, xs)  # (b, 1, h, 1, dv)
+        query, key, value = self._project(xs)  # (b, 1, h | hkv, 1, d)
         if self.positional_embedder is not None:
             p = ops.reshape(ops.cast(position, "int32"), (-1, 1, 1, 1))
             query_rot = self.positional_embedder(query, positions=p)
@@ -780,16 +859,15 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         values = ops.where(hit[:, :, None, None], ops.swapaxes(value[:, 0], 1, 2),
                            cache["value"])
         valid = ops.logical_or(cache["valid"], hit)
-        attended = attention_ops.cached_attention(query_rot[:, 0], keys, values, valid,
-                                                  freed_slots_finite=True)
+        attended = attention_ops.cached_attention(
+            query_rot[:, 0], self._repeat_heads(keys), self._repeat_heads(values), valid,
+            freed_slots_finite=True,
+        )
 
         # Read the memory (the state before this segment) and add the token's update.
         memory, norm = cache["memory"], cache["norm"]
         phi_q = memory_ops.feature_map(query, self.memory_feature_map)
-        if self.memory_feature_map in memory_ops.NORMALISED_FEATURE_MAPS:
-            retrieved = memory_ops.retrieve(phi_q, memory[:, None], norm[:, None])
-        else:
-            retrieved = memory_ops.retrieve_unnormalised(phi_q, memory[:, None])
+        retrieved = self._read_memory(phi_q, memory[:, None], norm[:, None])
         read_k, write_k, value32, decay = self._memory_keys(
             xs, key, value, write[:, None, None]
         )
@@ -810,8 +888,8 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             memory_decay = decay_before + log_decay
         norm_update = cache["norm_update"] + norm_step
 
-        gate = self.gate_values()[:, None, None]
-        mixed = gate * ops.cast(retrieved[:, 0], self.compute_dtype) + (1.0 - gate) * attended
+        mixed = self._mix(ops.cast(retrieved[:, 0], self.compute_dtype), attended,
+                          self.gate_values()[:, None, None])
         outputs = self.output_dense(mixed[:, None])  # (b, 1, 1, D)
         outputs = ops.reshape(outputs, (b, 1, self.dim_input))
 
@@ -874,8 +952,7 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         mixed, _, _ = self._segments(x_cur, valid_cur, pos_cur, memory, norm)
         current_outputs = self.output_dense(mixed)  # (b, 1, S, D)
         x_in = ops.where(valid_cur[..., None], x_cur, ops.zeros_like(x_cur))
-        key = _heads(self.key_dense, x_in)  # (b, 1, h, S, dk)
-        value = _heads(self.value_dense, x_in)
+        _, key, value = self._project(x_in, query=False)  # (b, 1, hkv, S, d)
         key_rot = key
         if self.positional_embedder is not None:
             p = ops.arange(seg, dtype="int32") if pos_cur is None else pos_cur[:, :, None, :]
@@ -932,6 +1009,12 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
                 "gate_init": self.gate_init,
                 "gate_lr_scale": self.gate_lr_scale,
                 "memory_decay": self.memory_decay,
+                "num_key_value_heads": self.num_key_value_heads,
+                "memory_heads": self.memory_heads,
+                "memory_gate": self.memory_gate,
+                "qkv_bias": self.qkv_bias,
+                "query_norm": _serialize_layer(self.query_norm),
+                "key_norm": _serialize_layer(self.key_norm),
             }
         )
         return config

@@ -99,7 +99,8 @@ class InfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         update="linear", causal=False, positional_embedder=None, init_state_learnable=False,
         dropout=0.0, normalize_first=True, layer_norm_epsilon=1e-5, return_state=False,
         memory_feature_map="elu1", write_strength=False, gate_init=0.0, gate_lr_scale=1.0,
-        memory_decay=False, **kwargs,
+        memory_decay=False, num_key_value_heads=None, memory_heads="key_value",
+        memory_gate="sigmoid", **kwargs,
     ):
         kwargs = self.set_weight_args(kwargs, with_bias=True)
         super().__init__(**kwargs)
@@ -144,6 +145,9 @@ class InfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             gate_init=gate_init,
             gate_lr_scale=gate_lr_scale,
             memory_decay=memory_decay,
+            num_key_value_heads=num_key_value_heads,
+            memory_heads=memory_heads,
+            memory_gate=memory_gate,
             dtype=self.dtype_policy,
             name="attention",
             **self.weight_kwargs(bias=False),
@@ -169,6 +173,11 @@ class InfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
     def memory_dim(self):
         """The memory's key width (`dim_key`, or the "dpfp*" / "taylor" feature width)."""
         return self.attention.memory_dim
+
+    @property
+    def num_memory_heads(self):
+        """Heads of the memory state (`num_key_value_heads` or `num_heads`)."""
+        return self.attention.num_memory_heads
 
     def build(self, input_shape):
         if len(input_shape) != 3:
@@ -334,6 +343,9 @@ class InfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
                 "gate_init": self.attention.gate_init,
                 "gate_lr_scale": self.attention.gate_lr_scale,
                 "memory_decay": self.attention.memory_decay,
+                "num_key_value_heads": self.attention.num_key_value_heads,
+                "memory_heads": self.attention.memory_heads,
+                "memory_gate": self.attention.memory_gate,
             }
         )
         return config

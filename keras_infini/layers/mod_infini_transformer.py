@@ -208,6 +208,11 @@ class MoDInfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixi
         """The memory's key width (`dim_key`, or the "dpfp*" / "taylor" feature width)."""
         return self.block.memory_dim
 
+    @property
+    def num_memory_heads(self):
+        """Heads of the memory state (`num_key_value_heads` or `num_heads`)."""
+        return self.block.num_memory_heads
+
     def build(self, input_shape):
         self.block.build(input_shape)
         self.router.build((None, None, self.dim_input))
@@ -221,7 +226,7 @@ class MoDInfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixi
                                      initial_state, return_state)
         mask = validation.sequence_tensor("mask", mask, inputs)
         initial_state = validation.state(
-            initial_state, inputs, self.num_heads, self.memory_dim, self.dim_value
+            initial_state, inputs, self.num_memory_heads, self.memory_dim, self.dim_value
         )
         seg, k = self.segment_len, self.capacity
         if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(inputs.dtype)):

@@ -6,6 +6,10 @@
   `compile(sampler=...)`, presets) decoding with the blocks' fixed-shape cache.
 - `InfiniCausalLMPreprocessor` and `InfiniByteTokenizer` (keras-hub's `ByteTokenizer`
   with start, end and padding ids after the 256 bytes).
+- Converted pretrained decoders: `InfiniBackbone.from_backbone(llama_backbone,
+  segment_len=...)` / `InfiniCausalLM.from_causal_lm(causal_lm_or_preset_dir, ...)` give
+  an `InfiniDecoderBackbone` / `InfiniDecoderCausalLM` (Llama 2/3, Mistral, Qwen, Qwen3,
+  Gemma) with the source's weights and a memory that starts closed.
 """
 
 try:
@@ -21,10 +25,22 @@ from keras_infini.models.infini_backbone import InfiniBackbone
 from keras_infini.models.infini_causal_lm import InfiniCausalLM
 from keras_infini.models.infini_causal_lm_preprocessor import InfiniCausalLMPreprocessor
 from keras_infini.models.infini_tokenizer import InfiniByteTokenizer
+from keras_infini.models.infini_decoder import HubRotaryEmbedding
+from keras_infini.models.infini_decoder import InfiniDecoderBackbone
+from keras_infini.models.infini_decoder import InfiniDecoderBlock
+from keras_infini.models.infini_decoder_causal_lm import InfiniDecoderCausalLM
+from keras_infini.models.convert import convert_backbone
+from keras_infini.models.convert import convert_causal_lm
 
 __all__ = [
     "InfiniBackbone",
     "InfiniByteTokenizer",
     "InfiniCausalLM",
     "InfiniCausalLMPreprocessor",
+    "InfiniDecoderBackbone",
+    "InfiniDecoderBlock",
+    "InfiniDecoderCausalLM",
+    "HubRotaryEmbedding",
+    "convert_backbone",
+    "convert_causal_lm",
 ]

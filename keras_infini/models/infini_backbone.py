@@ -178,6 +178,20 @@ class InfiniBackbone(Backbone):
         self.tie_weights = tie_weights
         self.causal = causal
 
+    def embed_tokens(self, token_ids):
+        """Token embeddings as the blocks see them."""
+        return self.token_embedding(token_ids)
+
+    @classmethod
+    def from_backbone(cls, backbone, segment_len, **options):
+        """Converts a pretrained keras-hub backbone (`LlamaBackbone`, `Llama3Backbone`,
+        `MistralBackbone`, `QwenBackbone`, `Qwen3Backbone`, `GemmaBackbone`) to
+        Infini-attention: an `InfiniDecoderBackbone` with the same weights whose memory
+        starts closed (see `keras_infini.models.convert.convert_backbone`)."""
+        from keras_infini.models.convert import convert_backbone
+
+        return convert_backbone(backbone, segment_len, **options)
+
     @staticmethod
     def get_layout_map(device_mesh, model_parallel_dim_name="model",
                        data_parallel_dim_name="batch"):

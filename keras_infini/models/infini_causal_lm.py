@@ -85,6 +85,16 @@ class InfiniCausalLM(CausalLM):
         outputs = backbone.token_embedding(hidden_states, reverse=True)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
 
+    @classmethod
+    def from_causal_lm(cls, causal_lm, segment_len, **options):
+        """Converts a pretrained keras-hub `CausalLM` (Llama, Llama 3, Mistral, Qwen, Qwen3,
+        Gemma), or the path of a local preset directory of one, to Infini-attention: an
+        `InfiniDecoderCausalLM` with the same weights and preprocessor, whose memory
+        starts closed (see `keras_infini.models.convert.convert_causal_lm`)."""
+        from keras_infini.models.convert import convert_causal_lm
+
+        return convert_causal_lm(causal_lm, segment_len, **options)
+
     def _check_causal(self):
         if not getattr(self.backbone, "causal", True):
             raise ValueError(
@@ -98,7 +108,7 @@ class InfiniCausalLM(CausalLM):
         return [layer.build_cache(batch_size) for layer in self.backbone.transformer_layers]
 
     def _blocks_with_cache(self, token_ids, cache, cache_update_index, padding_mask=None):
-        x = self.backbone.token_embedding(token_ids)
+        x = self.backbone.embed_tokens(token_ids)
         updated = []
         for layer, layer_cache in zip(self.backbone.transformer_layers, cache):
             x, layer_cache = layer(x, cache=layer_cache,
