@@ -16,7 +16,10 @@ segment, padded to `segment_len`, from the state at its start; greedy argmax on 
 `previous`, the `streaming.generate` of a checkout from before the decode cache
 (`--previous PATH`; the code the issue measured) on the same chain; `gpt2`,
 `keras_hub.models.GPT2CausalLM` built from a config of the same width, depth and heads
-(intermediate 256) with its KV cache.
+(intermediate 256) with its KV cache; `llama`, keras-hub's `LlamaCausalLM` of the same
+width and depth (grouped-query heads: `--heads` query heads, half as many key/value heads)
+with its KV cache, and `llama-infini`, that model converted with
+`InfiniCausalLM.from_causal_lm(..., segment_len=--segment-len)` (fixed-size cache).
 
 Timing: each measured call runs once before (compile / warm-up), then `--repeats` times
 (the minimum is kept). `prefill` is the time of
@@ -41,7 +44,8 @@ VOCAB = 259
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=("infini", "legacy", "previous", "gpt2"),
+    p.add_argument("--model", choices=("infini", "legacy", "previous", "gpt2", "llama",
+                                       "llama-infini"),
                    default="infini")
     p.add_argument("--previous", default=None,
                    help="previous: a checkout of keras_infini before the decode cache "
@@ -213,6 +217,37 @@ HEADER = ("| backend | model | batch | prompt | prefill (s) | prompt + new (s) |
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
+def llama_source(args):
+    """keras-hub's LlamaCausalLM of the benchmark's width and depth, grouped-query heads
+    (`--heads` query heads on half as many key/value heads), random weights."""
+    import keras_hub
+
+    backbone = keras_hub.models.LlamaBackbone(
+        vocabulary_size=VOCAB, num_layers=args.layers, num_query_heads=args.heads,
+        num_key_value_heads=max(1, args.heads // 2), hidden_dim=args.dim,
+        intermediate_dim=2 * args.dim,
+    )
+    return keras_hub.models.LlamaCausalLM(backbone, preprocessor=None)
+
+
+def run_llama(args, prompt):
+    """The source model: keras-hub's KV cache grows with prompt + new tokens."""
+    lm = llama_source(args)
+    lm.compile(sampler="greedy")
+    return hub_generate(lm, prompt, 1), hub_generate(lm, prompt, args.new), None
+
+
+def run_llama_infini(args, prompt):
+    """The same LlamaCausalLM converted to Infini-attention (`segment_len`): its cache
+    holds one segment and a fixed-size memory, whatever the prompt."""
+    from keras_infini.models import InfiniCausalLM
+
+    lm = InfiniCausalLM.from_causal_lm(llama_source(args), segment_len=args.segment_len)
+    lm.compile(sampler="greedy")
+    step = decode_step_seconds(lm, prompt, args.segment_len + 1) if args.step_time else None
+    return hub_generate(lm, prompt, 1), hub_generate(lm, prompt, args.new), step
+
+
 def main(argv=None):
     global REPEATS
     args = parse_args(argv)
@@ -221,7 +256,8 @@ def main(argv=None):
     prompt = np.random.default_rng(0).integers(0, 256, size=(args.batch, args.prompt))
     prompt = prompt.astype("int32")
     runner = {"infini": run_infini, "gpt2": run_gpt2, "legacy": run_legacy,
-              "previous": run_previous}[args.model]
+              "previous": run_previous, "llama": run_llama,
+              "llama-infini": run_llama_infini}[args.model]
     prefill, total, *rest = runner(args, prompt)
     step = rest[0] if rest else None
     per_token = max(total - prefill, 1e-9) / max(args.new - 1, 1)

@@ -109,6 +109,16 @@ CASES = [
     ("cm", "delta", "rope", 4, {"memory_feature_map": "taylor", "write_strength": True}),
     ("mod", "delta", "rope", 1, {"memory_feature_map": "dpfp2", "init_state_learnable": True,
                                  "write_strength": "hard_sigmoid", "memory_decay": "coupled"}),
+    # Grouped-query heads (2 query heads on 1 key/value head): the cache keeps the
+    # key/value heads, the memory per key/value head or per query head; the tanh gate.
+    ("block", "delta", "rope", 4, {"num_key_value_heads": 1, "memory_feature_map": "l2",
+                                   "write_strength": "hard_sigmoid", "memory_decay": "coupled",
+                                   "memory_gate": "tanh", "gate_init": 0.4}),
+    ("cm", "delta", "rope", 1, {"num_key_value_heads": 1, "memory_heads": "query",
+                                "write_strength": True, "qkv_bias": True,
+                                "init_state_learnable": True}),
+    ("mod", "linear", None, 4, {"num_key_value_heads": 1, "memory_gate": "tanh",
+                                "gate_init": [0.5, -0.2]}),
 ]
 
 
