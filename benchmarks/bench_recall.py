@@ -100,6 +100,19 @@ CONFIGS = {
         {"update": "delta", "memory_feature_map": "l2", "write_strength": "hard_sigmoid",
          "gate_lr_scale": 10.0, "memory_decay": "coupled"},
     ),
+    # Grouped-query heads (4 query heads on 2 key/value heads), the recommended memory
+    # kept per key/value head (the default) or per query head (`memory_heads="query"`).
+    "delta-l2-hard-coupled-gate-kv2": (
+        "cross", False,
+        {"update": "delta", "memory_feature_map": "l2", "write_strength": "hard_sigmoid",
+         "gate_lr_scale": 10.0, "memory_decay": "coupled", "num_key_value_heads": 2},
+    ),
+    "delta-l2-hard-coupled-gate-kv2-query": (
+        "cross", False,
+        {"update": "delta", "memory_feature_map": "l2", "write_strength": "hard_sigmoid",
+         "gate_lr_scale": 10.0, "memory_decay": "coupled", "num_key_value_heads": 2,
+         "memory_heads": "query"},
+    ),
     "linear-gate": ("cross", False, {"update": "linear", "gate_lr_scale": 10.0}),
     "linear-beta-gate": ("cross", False, {"update": "linear", "write_strength": True,
                                           "gate_lr_scale": 10.0}),

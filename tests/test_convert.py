@@ -235,3 +235,49 @@ def test_refusals():
         InfiniDecoderBackbone("llama", VOCAB, 1, HIDDEN, 24, 4, 3, 4, segment_len=8)
     with pytest.raises(ValueError, match="causal_lm"):
         InfiniCausalLM.from_causal_lm(llama, segment_len=8)
+
+
+def test_freezing_keeps_lora_factors_and_memory_parameters():
+    converted = InfiniCausalLM.from_causal_lm(source_lm("qwen", num_layers=1), segment_len=4)
+    converted.backbone.enable_lora(rank=2)  # keras-hub's: freezes every other layer
+    trainable = {v.path for v in converted.freeze_pretrained(trainable_layers=("final_norm",))}
+    memory = {v.path for v in converted.backbone.memory_variables()}
+    lora = {v.path for v in converted.weights if v.name.startswith("lora_kernel")}
+    assert lora and memory <= trainable and lora <= trainable
+    assert trainable == memory | lora | {converted.backbone.layer_norm.scale.path}
+    assert {v.path for v in converted.trainable_weights} == trainable
+
+
+def test_the_source_preprocessor_and_tokenizer_travel_with_the_model(tmp_path):
+    vocab = {"<|endoftext|>": 0, "a": 1, "b": 2, "\u0120": 3, "\u0120a": 4, "\u0120b": 5,
+             "ab": 6, "<|im_end|>": 7, "c": 8}
+    tokenizer = keras_hub.models.QwenTokenizer(vocabulary=vocab,
+                                               merges=["\u0120 a", "\u0120 b", "a b"])
+    preprocessor = keras_hub.models.QwenCausalLMPreprocessor(tokenizer, sequence_length=8)
+    source = source_lm("qwen", num_layers=1)
+    source = keras_hub.models.QwenCausalLM(source.backbone, preprocessor)
+    converted = InfiniCausalLM.from_causal_lm(source, segment_len=8)
+    assert converted.preprocessor is preprocessor
+    x, _, _ = preprocessor(["a b ab", "b"])  # eager (tf.data would need tensorflow-text)
+    want = to_numpy(converted(x))
+    converted.save_to_preset(str(tmp_path))
+    loaded = InfiniCausalLM.from_preset(str(tmp_path))
+    assert type(loaded.preprocessor) is keras_hub.models.QwenCausalLMPreprocessor
+    np.testing.assert_array_equal(to_numpy(loaded.preprocessor.tokenizer("a b ab")),
+                                  to_numpy(tokenizer("a b ab")))
+    x_loaded, _, _ = loaded.preprocessor(["a b ab", "b"])
+    np.testing.assert_array_equal(to_numpy(loaded(x_loaded)), want)
+
+
+def test_layout_map_covers_every_converted_weight():
+    converted = InfiniCausalLM.from_causal_lm(source_lm("qwen", num_layers=1), segment_len=4)
+    mesh = keras.distribution.DeviceMesh((2, 2), ("batch", "model"),
+                                         [f"cpu:{i}" for i in range(4)])
+    layout_map = InfiniDecoderBackbone.get_layout_map(mesh)
+    for variable in converted.backbone.weights:  # Keras raises if two keys match
+        layout = layout_map[variable.path]
+        assert layout is not None, f"{variable.path} is not in the layout map"
+        for axis, name in enumerate(layout.axes):  # 4 heads, 2 key/value heads: divide
+            assert name != "model" or variable.shape[axis] % 2 == 0, variable.path
+    assert tuple(layout_map["block_0/attention/key/kernel"].axes) == (None, "model", None)
+    assert tuple(layout_map["block_0/mlp_down/kernel"].axes) == ("model", None)

@@ -444,15 +444,22 @@ class InfiniDecoderBackbone(InfiniBackbone):
         return found
 
     def freeze_pretrained(self, trainable_layers=()):
-        """Freezes the source model's weights; only the memory's new parameters (gates,
-        write strengths, decays) stay trainable, plus LoRA factors if enabled later and
-        the layers named in `trainable_layers` (e.g. `("final_norm",)`). Returns the
-        trainable variables. Recompile the task after calling this."""
+        """Freezes the source model's weights: only the memory's new parameters (gates,
+        write strengths, decays, learned initial states), the LoRA factors of an
+        `enable_lora` made before this call, and the variables of the layers named in
+        `trainable_layers` (e.g. `("final_norm",)`) stay trainable. Returns the trainable
+        variables. Call it after `enable_lora` (keras-hub's `enable_lora` freezes every
+        other layer, memory included) and before `compile`."""
         keep = {id(v) for v in self.memory_variables()}
         names = set(trainable_layers)
+        for layer in self._flatten_layers(include_self=True, recursive=True):
+            layer.trainable = True  # variable flags decide below, not layer flags
         for variable in self.weights:
-            variable.trainable = id(variable) in keep or any(
-                f"/{name}/" in f"/{variable.path}/" for name in names
+            path = f"/{variable.path}/"
+            variable.trainable = (
+                id(variable) in keep
+                or variable.name.startswith("lora_kernel")
+                or any(f"/{name}/" in path for name in names)
             )
         return self.trainable_variables
 
