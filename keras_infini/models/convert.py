@@ -116,7 +116,6 @@ def source_config(backbone, segment_len):
         if family == "qwen3":  # Qwen3Attention's own epsilon, not the backbone's
             norm = first._self_attention_layer._query_dense_layer_norm
             config["query_key_norm_epsilon"] = float(norm.epsilon)
-    del first
     return config
 
 
