@@ -1,0 +1,137 @@
+"""Issue 33, "Reliability, round 3": decode cache, generation and streaming refusals.
+
+Each test failed before its fix on at least one backend (the issue's item in brackets).
+"""
+
+import keras
+import numpy as np
+import pytest
+from conftest import to_numpy
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from keras import ops
+
+from keras_infini import CompressiveMemory
+from keras_infini import InfiniTransformer
+from keras_infini import MoDInfiniTransformer
+from keras_infini.ops import backend as fast_paths
+
+S, DIM, HEADS, DK = 4, 8, 2, 4
+
+
+def make(kind, update="linear", **options):
+    common = dict(update=update, causal=True, positional_embedder="rope", **options)
+    if kind == "cm":
+        layer = CompressiveMemory(DIM, DK, DK, HEADS, S, **common)
+    elif kind == "block":
+        layer = InfiniTransformer(DIM, 2 * DIM, DK, DK, HEADS, "gelu", S, **common)
+    else:
+        layer = MoDInfiniTransformer(DIM, 2 * DIM, DK, DK, HEADS, "gelu", S,
+                                     sampling_factor=2, **common)
+    layer.build((None, None, DIM))
+    attention = layer if kind == "cm" else layer.attention
+    attention.gate.assign(np.array([1.0, -0.5], "float32"))  # memory and local both count
+    if kind == "mod":
+        layer.router.bias.assign(np.array([0.3], "float32"))
+    return layer
+
+
+def normal(shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+
+
+def cache_length(kind, cache):
+    return to_numpy(cache["attention"]["length"] if kind == "mod" else cache["length"])
+
+
+# ------------------------------------------------------------------ item 6: prefix masks
+@pytest.mark.parametrize("kind", ["cm", "block", "mod"])
+def test_a_non_prefix_mask_in_a_cached_call_is_refused(kind):
+    """[6] `[1, 0, 1, 1]` consumed one token silently (outputs 2-3 differed from a masked
+    full call by up to 4.8): refused by name when the mask can be read."""
+    layer = make(kind)
+    x = normal((2, 4, DIM))
+    mask = np.array([[1, 0, 1, 1], [1, 1, 1, 1]], bool)
+    with pytest.raises(ValueError, match=r"Invalid mask .*row 0 is \[1, 0, 1, 1\].*prefix"):
+        layer(x, cache=layer.build_cache(2), cache_update_index=0, mask=mask)
+    # A right-padded mask (a prefix per row) is accepted, and each row keeps its prefix.
+    prefix = np.array([[1, 1, 0, 0], [1, 1, 1, 1]], bool)
+    _, cache = layer(x, cache=layer.build_cache(2), cache_update_index=0, mask=prefix)
+    assert cache_length(kind, cache).tolist() == [2, 4]
+
+
+def test_a_non_prefix_mask_under_compilation_consumes_the_prefix():
+    """[6] Compiled (the mask cannot be read): the tokens after a row's first False are not
+    consumed, as documented: the same as the mask cut at its first False."""
+    layer = make("block")
+    x = normal((1, 4, DIM), seed=1)
+
+    def prefill(x, cache, mask):
+        return layer(x, cache=cache, cache_update_index=0, mask=mask)
+
+    compiled = fast_paths.compile_static_inference(prefill, layer.variables, optimize=False)
+    y, cache = compiled(x, layer.build_cache(1), np.array([[1, 0, 1, 1]], bool))
+    want, want_cache = layer(x, cache=layer.build_cache(1), cache_update_index=0,
+                             mask=np.array([[1, 0, 0, 0]], bool))
+    assert to_numpy(cache["length"]).tolist() == [1]
+    np.testing.assert_allclose(to_numpy(y)[:, :1], to_numpy(want)[:, :1], atol=1e-5)
+    for name in ("memory", "norm", "memory_update", "key", "value"):
+        np.testing.assert_allclose(to_numpy(cache[name]), to_numpy(want_cache[name]),
+                                   atol=1e-5, err_msg=name)
+
+
+# ------------------------------------------------------------------ item 7: mixed policy
+@pytest.mark.parametrize("kind", ["cm", "block", "mod"])
+def test_cached_call_returns_the_compute_dtype_under_a_mixed_policy(kind):
+    """[7] MoD, mixed_bfloat16, float32 input: TF raised (float vs bfloat16), JAX and torch
+    returned float32 where the full call returns bfloat16."""
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    layer = make(kind)
+    x = normal((2, S + 2, DIM), seed=2)
+    full = layer(x)
+    y, cache = layer(x[:, :S + 1], cache=layer.build_cache(2), cache_update_index=0)
+    step, _ = layer(x[:, S + 1:], cache=cache, cache_update_index=S + 1)
+    for out in (y, step):
+        assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    got = np.concatenate([to_numpy(ops.cast(t, "float32")) for t in (y, step)], axis=1)
+    want = to_numpy(ops.cast(full, "float32"))
+    np.testing.assert_allclose(got, want, atol=0.1, rtol=0.05)
+
+
+# ------------------------------------------------------------------ item 11: cache dtypes
+@pytest.mark.parametrize("kind", ["cm", "block", "mod"])
+def test_a_cache_of_the_wrong_dtype_is_refused(kind):
+    """[11] A float64 cache gave backend errors on TF and torch and was accepted on JAX; a
+    float `length` was accepted. Refused by name (entry, dtype, expected)."""
+    layer = make(kind)
+    x = normal((1, 1, DIM))
+
+    def numpy_cache(**dtypes):  # NumPy arrays (JAX has no float64 tensor by default)
+        cache = keras.tree.map_structure(to_numpy, layer.build_cache(1))
+        inner = cache["attention"] if kind == "mod" else cache
+        for name, dtype in dtypes.items():
+            inner[name] = inner[name].astype(dtype)
+        return cache
+
+    with pytest.raises(ValueError, match=r"Invalid cache .*memory has dtype float64, "
+                                         r"expected float32"):
+        layer(x, cache=numpy_cache(memory="float64"), cache_update_index=0)
+    with pytest.raises(ValueError, match=r"Invalid cache .*length has dtype float32, "
+                                         r"expected int32"):
+        layer(x, cache=numpy_cache(length="float32"), cache_update_index=0)
+    with pytest.raises(ValueError, match=r"Invalid cache .*valid has dtype"):
+        layer(x, cache=numpy_cache(valid="int32"), cache_update_index=0)
+    with pytest.raises(ValueError, match=r"Invalid cache .*key has dtype float16"):
+        layer(x, cache=numpy_cache(key="float16"), cache_update_index=0)
+    # A cache built under another dtype policy is refused too (bfloat16 keys).
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    other = make(kind)
+    keras.config.set_dtype_policy("float32")
+    with pytest.raises(ValueError, match=r"Invalid cache .*key has dtype bfloat16"):
+        layer(x, cache=other.build_cache(1), cache_update_index=0)
+    # The right dtypes as NumPy arrays work and equal the tensor cache.
+    want, _ = layer(x, cache=layer.build_cache(1), cache_update_index=0)
+    got, _ = layer(x, cache=numpy_cache(), cache_update_index=0)
+    np.testing.assert_allclose(to_numpy(got), to_numpy(want), atol=1e-6)
