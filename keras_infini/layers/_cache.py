@@ -24,12 +24,14 @@ the inner block's cache.
 from keras import ops
 from keras import tree
 
+from keras_infini import distribution
 from keras_infini import validation
 from keras_infini.ops import backend as fast_paths
 
 
 class CachedCallMixin:
-    """Keeps a decode cache out of Keras' input autocasting.
+    """Keeps a decode cache out of Keras' input autocasting, and its calls out of the
+    sequence sharding of `keras_infini.distribution.SequenceParallel` (`unsharded`).
 
     `Layer.__call__` casts every floating tensor argument to the compute dtype, which
     would round the float32 memory to bfloat16 at every step under `mixed_bfloat16`. A
@@ -43,7 +45,10 @@ class CachedCallMixin:
         previous = self._convert_input_args
         self._convert_input_args = False
         try:
-            return super().__call__(*args, **kwargs)
+            # Under `SequenceParallel`, a cached call runs unsharded over the sequence:
+            # its one current segment cannot be split across devices.
+            with distribution.unsharded():
+                return super().__call__(*args, **kwargs)
         finally:
             self._convert_input_args = previous
 
