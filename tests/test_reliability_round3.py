@@ -218,3 +218,86 @@ def test_generate_under_sequence_parallel_equals_one_device():
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "EQUAL True" in result.stdout, result.stdout[-2000:]
+
+
+# ------------------------------------------------------------------ decode property tests
+@st.composite
+def decode_cases(draw):
+    kind = draw(st.sampled_from(["cm", "block", "mod"]))
+    update = draw(st.sampled_from(["linear", "delta"]))
+    batch = draw(st.integers(1, 2))
+    length = draw(st.integers(2, 3 * S + 2))
+    prompts = draw(st.lists(st.integers(1, length), min_size=batch, max_size=batch))
+    # Chunks after the longest prompt: sizes summing to the rest (one token = a step).
+    chunks, left = [], length - max(prompts)
+    while left:
+        size = draw(st.integers(1, left))
+        chunks.append(size)
+        left -= size
+    seed = draw(st.integers(0, 2**16))
+    return kind, update, prompts, length, chunks, seed
+
+
+@settings(max_examples=5, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(decode_cases())
+def test_property_decode_equals_one_full_call(case):
+    """Random layers, prompt lengths per row (a right-padded prefill, NaN padding), and
+    chunkings of the rest (several tokens at once or one at a time): the cached outputs
+    of every row equal one full call on the row's own sequence."""
+    kind, update, prompts, length, chunks, seed = case
+    layer = make(kind, update)
+    batch = len(prompts)
+    x = normal((batch, length, DIM), seed=seed)
+    full = to_numpy(layer(x))
+    longest = max(prompts)
+    mask = np.arange(longest)[None] < np.array(prompts)[:, None]
+    padded = np.where(mask[..., None], x[:, :longest], np.nan).astype("float32")
+    y, cache = layer(padded, cache=layer.build_cache(batch), cache_update_index=0, mask=mask)
+    y = to_numpy(y)
+    for row, n in enumerate(prompts):
+        np.testing.assert_allclose(y[row, :n], full[row, :n], atol=1e-4)
+    # Rows with shorter prompts catch up one token at a time (the others skip the step).
+    lengths = np.array(prompts)
+    for t in range(min(prompts), longest):
+        take = lengths == t
+        y, cache = layer(x[:, t:t + 1], cache=cache, cache_update_index=t,
+                         mask=take[:, None])
+        np.testing.assert_allclose(to_numpy(y)[take, 0], full[take, t], atol=1e-4)
+        lengths = lengths + take
+    assert (lengths == longest).all()
+    start = longest
+    for size in chunks:
+        y, cache = layer(x[:, start:start + size], cache=cache, cache_update_index=start)
+        np.testing.assert_allclose(to_numpy(y), full[:, start:start + size], atol=1e-4,
+                                   err_msg=f"chunk {start}:{start + size}")
+        start += size
+    assert cache_length(kind, cache).tolist() == [length] * batch
+
+
+@settings(max_examples=3, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.integers(1, 2 * S + 1), st.sampled_from(["greedy", "top_k"]),
+       st.integers(0, 2**16))
+def test_property_generated_tokens_follow_the_full_call(prompt_len, sampler, seed):
+    """`streaming.generate` (decode cache + keras-hub samplers): every generated token is
+    the full call's argmax (greedy) or among its top 3 logits (`top_k=3`) at that
+    position of the generated sequence."""
+    from keras_infini.streaming import generate
+
+    vocab = 11
+    model = keras.Sequential([
+        keras.Input((None,), dtype="int32"), keras.layers.Embedding(vocab, DIM),
+        make("block", "delta"), make("mod", "linear"), keras.layers.Dense(vocab),
+    ])
+    prompt = np.random.default_rng(seed).integers(0, vocab, size=(2, prompt_len))
+    kwargs = dict(temperature=0) if sampler == "greedy" else dict(top_k=3, seed=seed)
+    out = generate(model, prompt, steps=S + 1, compiled=False, **kwargs)
+    np.testing.assert_array_equal(out[:, :prompt_len], prompt)
+    logits = to_numpy(model(out))[:, prompt_len - 1:-1]  # predicting each new token
+    new = out[:, prompt_len:]
+    if sampler == "greedy":
+        np.testing.assert_array_equal(new, logits.argmax(-1))
+    else:
+        top3 = np.argsort(-logits, axis=-1)[..., :3]
+        assert (top3 == new[..., None]).any(-1).all()
