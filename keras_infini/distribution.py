@@ -22,6 +22,7 @@ a model's code or config between one device and many.
 """
 
 import collections
+import contextlib
 
 import keras
 
@@ -268,9 +269,32 @@ class SequenceParallel(keras.distribution.ModelParallel):
         return keras.distribution.TensorLayout(axes, self.device_mesh)
 
 
+_UNSHARDED = [0]  # depth of `unsharded()` scopes in progress
+
+
+@contextlib.contextmanager
+def unsharded():
+    """A scope in which the layers do not shard the sequence (`sequence_sharding()` is
+    None) under a `SequenceParallel`: the decode cache's calls run in it. A cached call
+    has one current segment (and a prefill a handful), which cannot be split over the
+    sequence axis; its tensors are small and, like the weights, left to the data layout
+    (batch axis) and the layout map."""
+    _UNSHARDED[0] += 1
+    try:
+        yield
+    finally:
+        _UNSHARDED[0] -= 1
+
+
 def sequence_sharding():
     """The active `SequenceParallel`'s `SequenceSharding`, or `None` (no distribution,
-    another distribution, or a sequence axis of size 1 with a batch axis of size 1)."""
+    another distribution, or inside `unsharded()`, e.g. a decode-cache call)."""
+    if _UNSHARDED[0]:
+        return None
+    return _active_sequence_sharding()
+
+
+def _active_sequence_sharding():
     distribution = keras.distribution.distribution()
     if not isinstance(distribution, SequenceParallel):
         return None

@@ -148,7 +148,7 @@ class Streamer:
         """Pure step: `(outputs, new_states)` for `chunk` given `states` (None: initial)."""
         x, mask = chunk, None
         new_states = []
-        states = list(states) if states is not None else None
+        states = self._check_states(states)
         index = 0
         for layer in self.layers:
             # Keras masks travel along the chain as in a functional model: passed to the
@@ -169,6 +169,21 @@ class Streamer:
             x = y
         return x, new_states
 
+    def _check_states(self, states):
+        """`None` or one `(memory, norm)` per stateful layer, as a list (by name)."""
+        if states is None:
+            return None
+        stateful = [layer.name for layer in self.layers if _is_stateful(layer)]
+        if not isinstance(states, (list, tuple)) or len(states) != len(stateful):
+            got = (f"{len(states)} entries" if isinstance(states, (list, tuple))
+                   else type(states).__name__)
+            raise ValueError(
+                f"Invalid states: {got}, expected None or a list of {len(stateful)} "
+                f"(memory, norm) pairs, one per stateful layer {stateful} in order (what "
+                "the previous chunk left in `streamer.states`)."
+            )
+        return list(states)
+
     @property
     def variables(self):
         """Every variable of the streamed layers (what a compiled step reads)."""
@@ -181,6 +196,7 @@ class Streamer:
         return variables
 
     def __call__(self, chunk, training=False):
+        self.states = self._check_states(self.states)  # before any trace (TF, JAX)
         if training:
             outputs, self.states = self.run(chunk, self.states, training=True)
             return outputs
@@ -258,13 +274,18 @@ def generate(model, prompt, steps, temperature=1.0, top_k=None, seed=None, pad_i
     import numpy as np
     from keras import ops
 
-    prompt = np.asarray(prompt, dtype="int32")
+    prompt = np.asarray(ops.convert_to_numpy(prompt) if ops.is_tensor(prompt) else prompt)
+    if not np.issubdtype(prompt.dtype, np.integer):
+        raise ValueError(
+            f"Invalid prompt of dtype {prompt.dtype}: expected integer token ids (a float "
+            "prompt is not truncated to ints)."
+        )
+    prompt = prompt.astype("int32")
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(
             f"Invalid prompt with shape {prompt.shape}: expected (batch, prompt_len >= 1)."
         )
-    if isinstance(temperature, bool) or not temperature >= 0:
-        raise ValueError(f"Invalid temperature={temperature!r}: expected a number >= 0.")
+    validation.real("temperature", temperature, lambda t: t >= 0, "a finite number >= 0")
     if top_k is not None and (int(top_k) != top_k or top_k < 1):
         raise ValueError(f"Invalid top_k={top_k!r}: expected None or an integer >= 1.")
     if int(steps) != steps or steps < 0:

@@ -230,13 +230,16 @@ def gate_init(value, num_heads):
 
 
 # ---------------------------------------------------------------------- decode caches
-def cache(value, expected, owner, batch):
-    """A decode cache with exactly the structure and static shapes of `expected`.
+def cache(value, expected, owner, batch, dtypes=None):
+    """A decode cache with exactly the structure, static shapes and dtypes of `expected`.
 
     `expected` is what `owner.build_cache(batch)` would return, as a dict of name ->
-    shape tuple (nested dicts for sublayers); `owner` names the layer in the message.
-    A cache built for another layer (other widths, heads, segment length, structure) or
-    another batch size is refused by name.
+    shape tuple (nested dicts for sublayers); `dtypes` the same structure of dtype names
+    (`None`: not checked); `owner` names the layer in the message. A cache built for
+    another layer (other widths, heads, segment length, structure, dtype policy) or
+    another batch size, or an entry cast to another dtype (a float64 memory, a float
+    `length`), is refused by name. Only static properties are read: no value, so the
+    check costs nothing inside `jax.jit` / `tf.function`.
     """
 
     def fail(detail):
@@ -246,23 +249,54 @@ def cache(value, expected, owner, batch):
             f"batch_size={batch}) for inputs of batch {batch}."
         )
 
-    def check(got, exp, path):
+    def check(got, exp, dtype, path):
         if isinstance(exp, dict):
             if not isinstance(got, dict) or set(got) != set(exp):
                 keys = sorted(got) if isinstance(got, dict) else type(got).__name__
                 fail(f"{'/'.join(path) or 'the cache'} has entries {keys}, expected "
                      f"{sorted(exp)}")
             for key in exp:
-                check(got[key], exp[key], path + (key,))
+                check(got[key], exp[key], None if dtype is None else dtype[key],
+                      path + (key,))
             return
         shape = _shape(got) if hasattr(got, "shape") else None
         if shape is None or len(shape) != len(exp) or not all(
             _dims_match(g, e) for g, e in zip(shape, exp)
         ):
             fail(f"{'/'.join(path)} has shape {shape}, expected {tuple(exp)}")
+        if dtype is not None:
+            got_dtype = _dtype_name(got)
+            if got_dtype != dtype:
+                fail(f"{'/'.join(path)} has dtype {got_dtype}, expected {dtype}")
 
-    check(value, expected, ())
+    check(value, expected, dtypes, ())
     return value
+
+
+def _dtype_name(tensor):
+    import keras
+
+    try:
+        return keras.backend.standardize_dtype(tensor.dtype)
+    except (AttributeError, ValueError, TypeError):
+        return str(getattr(tensor, "dtype", None))
+
+
+def prefix_mask(mask, owner):
+    """Eager check of a cached call's `mask` `(batch, T)` (a NumPy bool array): every
+    row is a prefix of True then False (a right-padded prompt)."""
+    mask = np.asarray(mask).astype(bool)
+    after_gap = np.logical_and(mask[:, 1:], np.logical_not(mask[:, :-1]))
+    rows = np.nonzero(after_gap.any(axis=1))[0]
+    if rows.size:
+        row = int(rows[0])
+        raise ValueError(
+            f"Invalid mask for a call of layer {owner!r} with cache: row {row} is "
+            f"{mask[row].astype(int).tolist()}, expected a prefix (True for the tokens "
+            "the row takes, then False: a right-padded prompt). A decode cache consumes "
+            "tokens in order and cannot skip one; drop the masked tokens instead (or "
+            "call with the tokens of each row up to its first masked one)."
+        )
 
 
 def cache_update_index(value, num_tokens):

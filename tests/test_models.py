@@ -217,3 +217,61 @@ def test_generate_is_compiled_unless_refused(lm):
         lm.preprocessor = preprocessor
         lm.compile(sampler="greedy")
     np.testing.assert_array_equal(outputs["auto"], outputs[False])
+
+
+# ----------------------------------------------------------------- issue 33 (round 3)
+def test_detokenize_keeps_byte_zero(lm):
+    """[3] `[[97, 0, 98]]` detokenized to 'ab' (keras-hub strips id 0 as padding; ours is
+    256), so `generate("a\\x00b")` echoed "ab..."."""
+    tokenizer = InfiniByteTokenizer()
+    assert tokenizer.detokenize([[97, 0, 98]]) == ["a\x00b"]
+    assert tokenizer.detokenize([97, 0, 256, 258, 98]) == "a\x00b"
+    assert tokenizer.detokenize(np.array([[0, 0], [257, 0]], "int32")) == ["\x00\x00", "\x00"]
+    lm.compile(sampler="greedy", jit_compile=False)
+    assert lm.generate("a\x00b", max_length=8).startswith("a\x00b")
+
+
+@pytest.mark.parametrize("max_length", [0, -3, 2.5, True])
+def test_generate_refuses_a_non_positive_max_length(lm, max_length):
+    """[4] `max_length=0` generated ~45 characters (0 read as "the default")."""
+    lm.compile(sampler="greedy", jit_compile=False)
+    with pytest.raises(ValueError, match=rf"Invalid max_length={max_length!r}"):
+        lm.generate("ab", max_length=max_length)
+
+
+def test_generate_refuses_out_of_vocabulary_ids_and_non_prefix_masks(lm):
+    """[5] Without a preprocessor: id 300 with a 259 vocabulary ran silently on JAX and TF
+    (IndexError on torch); a padding_mask `[1, 0, 1, 0]` was accepted."""
+    lm.compile(sampler="greedy", jit_compile=False)
+    preprocessor, lm.preprocessor = lm.preprocessor, None
+    try:
+        mask = np.array([[1, 1, 1, 0]], bool)
+        for bad in (300, 259, -1):
+            ids = np.array([[257, bad, 98, 256]], "int32")
+            with pytest.raises(ValueError, match=rf"Invalid token_ids: \[{bad}\].*\[0, 259\)"):
+                lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)
+        ids = np.array([[257, 97, 98, 256]], "int32")
+        with pytest.raises(ValueError, match=r"Invalid padding_mask: row 0 is \[1, 0, 1, 0\]"):
+            lm.generate({"token_ids": ids, "padding_mask": np.array([[1, 0, 1, 0]], bool)},
+                        stop_token_ids=None)
+        out = lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)
+        np.testing.assert_array_equal(numpy(out["token_ids"])[:, :3], ids[:, :3])
+    finally:
+        lm.preprocessor = preprocessor
+
+
+def test_generate_takes_a_bytes_prompt(lm):
+    """[10] `generate(b"\\xffab")` raised `IndexError: tuple index out of range` (keras-hub
+    took the bytes for a batch). A bytes prompt is one prompt of raw bytes: the same as
+    generating from its token ids [start, 255, 97, 98]."""
+    lm.compile(sampler="greedy", jit_compile=False)
+    text = lm.generate(b"\xffab", max_length=10)
+    assert isinstance(text, str) and text.startswith("\ufffdab")
+    assert lm.generate([b"\xffab"], max_length=10) == [text]
+    inputs = lm.preprocessor.generate_preprocess([b"\xffab"], sequence_length=10)
+    preprocessor, lm.preprocessor = lm.preprocessor, None
+    try:
+        ids = lm.generate({k: numpy(v) for k, v in inputs.items()}, stop_token_ids=[258])
+    finally:
+        lm.preprocessor = preprocessor
+    assert lm.preprocessor.generate_postprocess(ids) == [text]

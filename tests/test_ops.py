@@ -222,6 +222,39 @@ def test_local_attention_implementations_match_reference(implementation, causal,
     np.testing.assert_allclose(out, _attention_reference(q, k, v, all_valid, causal), atol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", ["fused", "einsum", "fused-no-branch"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_local_attention_isolates_huge_finite_hidden_keys(implementation, causal,
+                                                           monkeypatch):
+    """Issue 33 item 2: finite keys and values up to the float32 max in masked (and,
+    causally, later) tokens change nothing that may not see them, on both paths (the
+    fused path kept huge finite entries, whose logits overflowed or outweighed Keras'
+    finite mask bias on PyTorch)."""
+    if implementation == "fused-no-branch":
+        monkeypatch.setattr(fast_paths, "branch_is_free", lambda x: False)
+        implementation = "fused"
+    top = float(np.finfo("float32").max)
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((2, 2, 2, 5, 4)) for _ in range(3))
+    valid = rng.random((2, 2, 5)) > 0.3
+    valid[:, :, 0] = True
+    k_bad, v_bad = k.copy(), v.copy()
+    hidden = ~valid
+    k_bad[hidden[:, :, None, :, None].repeat(2, 2).repeat(4, 4)] = top
+    v_bad[hidden[:, :, None, :, None].repeat(2, 2).repeat(4, 4)] = -top
+    if causal:  # a visible last token, huge: only the last query sees it
+        valid[:, :, 4] = True
+        k_bad[:, :, :, 4] = 1e38 * np.sign(rng.standard_normal(4))
+        v_bad[:, :, :, 4] = top
+    out = to_numpy(attention_ops.local_attention(
+        *(keras.ops.convert_to_tensor(t.astype("float32")) for t in (q, k_bad, v_bad)),
+        keras.ops.convert_to_tensor(valid), causal, implementation=implementation))
+    want = _attention_reference(q, k, v, valid, causal)
+    rows = slice(0, 4) if causal else slice(None)
+    assert np.isfinite(out[..., rows, :]).all()
+    np.testing.assert_allclose(out[..., rows, :], want[..., rows, :], atol=1e-5)
+
+
 def test_local_attention_rejects_unknown_implementation():
     x = keras.ops.zeros((1, 1, 1, 2, 2))
     with pytest.raises(ValueError, match="implementation"):

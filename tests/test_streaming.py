@@ -137,3 +137,41 @@ def test_streamer_compiles_its_inference_step_by_default():
     eager = Streamer(model, compiled=False)
     np.testing.assert_allclose(to_numpy(eager(x[:, :4])), to_numpy(model(x[:, :4])),
                                atol=1e-5)
+
+
+# ----------------------------------------------------------------- issue 33 (round 3)
+@pytest.mark.parametrize("compiled", [True, False])
+def test_states_of_the_wrong_length_are_refused(compiled):
+    """[12] `Streamer.states` with too few entries gave IndexError (TF: StagingError)."""
+    model = token_model(functional=False)
+    tokens = np.random.default_rng(4).integers(0, 20, size=(2, 8))
+    streamer = Streamer(model, compiled=compiled)
+    first = to_numpy(streamer(tokens))
+    states = streamer.states
+    assert len(states) == 3
+    for wrong in (states[:2], states + states[:1], states[0]):
+        streamer.states = wrong
+        with pytest.raises(ValueError, match=r"Invalid states: .*expected None or a list "
+                                             r"of 3 \(memory, norm\) pairs"):
+            streamer(tokens)
+        with pytest.raises(ValueError, match="Invalid states"):
+            streamer.run(tokens, wrong)
+    streamer.states = None  # the right ones still work
+    np.testing.assert_allclose(to_numpy(streamer(tokens)), first, atol=1e-6)
+
+
+def test_generate_refuses_infinite_temperature_and_float_prompts():
+    """[12] `temperature=inf` was accepted; a float prompt was truncated to ints."""
+    from keras_infini.streaming import generate
+
+    model = token_model(functional=False)
+    prompt = np.array([[1, 2, 3]])
+    for temperature in (np.inf, np.nan, -1.0, True):
+        with pytest.raises(ValueError, match=r"Invalid temperature="):
+            generate(model, prompt, steps=2, temperature=temperature)
+    for bad in (prompt + 0.5, prompt.astype("float32"), prompt > 1):
+        with pytest.raises(ValueError, match=r"Invalid prompt of dtype"):
+            generate(model, bad, steps=2, temperature=0)
+    out = generate(model, keras.ops.convert_to_tensor(prompt, "int32"), steps=2,
+                   temperature=0)
+    np.testing.assert_array_equal(out, generate(model, prompt, steps=2, temperature=0))

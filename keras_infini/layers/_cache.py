@@ -22,13 +22,16 @@ the inner block's cache.
 """
 
 from keras import ops
+from keras import tree
 
+from keras_infini import distribution
 from keras_infini import validation
 from keras_infini.ops import backend as fast_paths
 
 
 class CachedCallMixin:
-    """Keeps a decode cache out of Keras' input autocasting.
+    """Keeps a decode cache out of Keras' input autocasting, and its calls out of the
+    sequence sharding of `keras_infini.distribution.SequenceParallel` (`unsharded`).
 
     `Layer.__call__` casts every floating tensor argument to the compute dtype, which
     would round the float32 memory to bfloat16 at every step under `mixed_bfloat16`. A
@@ -42,7 +45,10 @@ class CachedCallMixin:
         previous = self._convert_input_args
         self._convert_input_args = False
         try:
-            return super().__call__(*args, **kwargs)
+            # Under `SequenceParallel`, a cached call runs unsharded over the sequence:
+            # its one current segment cannot be split across devices.
+            with distribution.unsharded():
+                return super().__call__(*args, **kwargs)
         finally:
             self._convert_input_args = previous
 
@@ -56,8 +62,9 @@ class CachedCallMixin:
             )
 
     def _check_cache_call(self, inputs, cache, cache_update_index, positions=None,
-                          initial_state=None, return_state=None):
-        """Validates a cached call's arguments; returns the checked index."""
+                          initial_state=None, return_state=None, mask=None):
+        """Validates a cached call's arguments; returns `(index, mask, cache)` checked
+        (the cache's entries as tensors: NumPy arrays of the right dtypes are accepted)."""
         self._require_causal()
         for name, value in (("positions", positions), ("initial_state", initial_state),
                             ("return_state", return_state)):
@@ -72,8 +79,13 @@ class CachedCallMixin:
                 "expected (batch, new_tokens, dim_input) with a known number of tokens."
             )
         batch = inputs.shape[0]
-        validation.cache(cache, self.cache_shapes(batch), self.name, batch)
-        return validation.cache_update_index(cache_update_index, int(inputs.shape[1]))
+        validation.cache(cache, self.cache_shapes(batch), self.name, batch,
+                         self.cache_dtypes())
+        cache = tree.map_structure(ops.convert_to_tensor, cache)
+        index = validation.cache_update_index(cache_update_index, int(inputs.shape[1]))
+        mask = validation.sequence_tensor("mask", mask, inputs)
+        check_prefix_mask(mask, self.name)
+        return index, mask, cache
 
     def _ensure_built(self):
         if not self.built:
@@ -83,6 +95,17 @@ class CachedCallMixin:
                     "data (or build it) before build_cache."
                 )
             self.build((None, None, self.dim_input))
+
+
+def check_prefix_mask(mask, owner):
+    """`validation.prefix_mask` when `mask` is known now (eager) and has several tokens;
+    skipped while tracing (`jax.jit`, `tf.function`), where the tokens after a row's first
+    False are not consumed (`consumed_tokens`)."""
+    if mask is None or len(mask.shape) != 2 or mask.shape[1] is None or mask.shape[1] < 2:
+        return
+    if fast_paths.is_traced(mask):
+        return
+    validation.prefix_mask(ops.convert_to_numpy(mask), owner)
 
 
 def consumed_tokens(inputs, mask):

@@ -224,9 +224,14 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             unfinished last segment goes into the cache; a one-token call costs
             `O(segment_len)`, whatever the number of tokens before it. Fixed shapes:
             `jax.jit` / `tf.function` compile one step for every position. `mask` then
-            marks the tokens each row takes: its prefix up to the first False (a
-            right-padded prompt, or rows that skip a one-token step); the other rows keep
-            their cache. Not combined with `positions`, `initial_state`, `return_state`.
+            marks the tokens each row takes, a prefix per row (a right-padded prompt, or
+            rows that skip a one-token step); the other rows keep their cache. A mask
+            that is not a prefix (`[1, 0, 1, 1]`: a cache cannot skip a token) is refused
+            by name when its value can be read (eager); inside `jax.jit` /
+            `tf.function` / a traced torch step it cannot be, and the tokens after a
+            row's first False are not consumed. The cache's structure, shapes and dtypes
+            (`cache_shapes`, `cache_dtypes`) are checked by name (static, no value read).
+            Not combined with `positions`, `initial_state`, `return_state`.
         cache_update_index: with `cache`: the position of the first token of `inputs`,
             i.e. the number of tokens already in the cache (an int, or a scalar integer
             tensor for one token; a cache continues where it stopped, and a wrong index
@@ -758,6 +763,17 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             shapes["memory_decay"] = (b, h)
         return shapes
 
+    def cache_dtypes(self):
+        """`{name: dtype}` of the cache `build_cache` returns: float32 state, keys and
+        values in the compute dtype, `valid` bool, `length` int32."""
+        dtypes = {name: "float32" for name in ("memory", "norm", "memory_update",
+                                                "norm_update")}
+        dtypes.update(key=self.compute_dtype, value=self.compute_dtype, valid="bool",
+                      length="int32")
+        if self.memory_decay:
+            dtypes["memory_decay"] = "float32"
+        return dtypes
+
     def build_cache(self, batch_size):
         """An empty decode cache for `batch_size` rows (see `call(cache=...)`): the
         initial state (learned, with `init_state_learnable`), an empty current segment.
@@ -788,9 +804,9 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
 
     def _cached_call(self, inputs, mask, cache, cache_update_index, positions=None,
                      initial_state=None, return_state=None):
-        index = self._check_cache_call(inputs, cache, cache_update_index, positions,
-                                       initial_state, return_state)
-        mask = validation.sequence_tensor("mask", mask, inputs)
+        index, mask, cache = self._check_cache_call(
+            inputs, cache, cache_update_index, positions, initial_state, return_state, mask
+        )
         if int(inputs.shape[1]) == 0:
             return ops.zeros_like(ops.cast(inputs, self.compute_dtype)), cache
         consumed = _cache.consumed_tokens(inputs, mask)

@@ -247,6 +247,10 @@ class InfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         """`{name: shape}` of the cache `build_cache(batch_size)` returns."""
         return self.attention.cache_shapes(batch_size)
 
+    def cache_dtypes(self):
+        """`{name: dtype}` of the cache `build_cache` returns."""
+        return self.attention.cache_dtypes()
+
     def build_cache(self, batch_size):
         """An empty decode cache for `batch_size` rows: the attention's (see
         `CompressiveMemory.build_cache`)."""
@@ -257,9 +261,9 @@ class InfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
 
     def _cached_call(self, inputs, mask, cache, cache_update_index, positions=None,
                      initial_state=None, return_state=None):
-        index = self._check_cache_call(inputs, cache, cache_update_index, positions,
-                                       initial_state, return_state)
-        mask = validation.sequence_tensor("mask", mask, inputs)
+        index, mask, cache = self._check_cache_call(
+            inputs, cache, cache_update_index, positions, initial_state, return_state, mask
+        )
         x = keras.ops.cast(inputs, self.compute_dtype)
         if int(inputs.shape[1]) == 0:
             return x, cache

@@ -298,6 +298,10 @@ class MoDInfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixi
         """`{name: shape}` of the cache `build_cache(batch_size)` returns."""
         return {"attention": self.block.cache_shapes(batch_size), "routed": (batch_size,)}
 
+    def cache_dtypes(self):
+        """`{name: dtype}` of the cache `build_cache` returns."""
+        return {"attention": self.block.cache_dtypes(), "routed": "int32"}
+
     def build_cache(self, batch_size):
         """An empty decode cache for `batch_size` rows: the inner block's (one slot per
         routed token of the current segment) and `routed` `(b,)` int32, the number of
@@ -312,11 +316,12 @@ class MoDInfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixi
 
     def _cached_call(self, inputs, mask, cache, cache_update_index, positions=None,
                      initial_state=None, return_state=None):
-        index = self._check_cache_call(inputs, cache, cache_update_index, positions,
-                                       initial_state, return_state)
-        mask = validation.sequence_tensor("mask", mask, inputs)
-        if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(inputs.dtype)):
-            inputs = ops.cast(inputs, self.compute_dtype)
+        index, mask, cache = self._check_cache_call(
+            inputs, cache, cache_update_index, positions, initial_state, return_state, mask
+        )
+        # The compute dtype, as the full call (whose inputs Keras casts): float32 inputs
+        # under a mixed policy too (`CachedCallMixin` turns Keras' casting off).
+        inputs = ops.cast(inputs, self.compute_dtype)
         length = int(inputs.shape[1])
         if length == 0:
             return ops.cast(inputs, self.compute_dtype), cache

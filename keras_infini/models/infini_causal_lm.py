@@ -1,6 +1,7 @@
 """InfiniCausalLM: a keras-hub CausalLM decoding with the blocks' fixed-shape cache."""
 
 import keras
+import numpy as np
 from keras import ops
 from keras_hub.models import CausalLM
 from keras_hub.src.utils.tensor_utils import any_equal
@@ -8,6 +9,7 @@ from keras_hub.src.utils.tensor_utils import any_equal
 from keras_infini.models.infini_backbone import InfiniBackbone
 from keras_infini.models.infini_causal_lm_preprocessor import InfiniCausalLMPreprocessor
 from keras_infini.ops import backend as fast_paths
+from keras_infini import validation
 
 
 @keras.saving.register_keras_serializable(package="keras_infini")
@@ -195,6 +197,65 @@ class InfiniCausalLM(CausalLM):
         return {"token_ids": token_ids, "padding_mask": padding_mask}
 
     def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False):
+        """keras-hub's `CausalLM.generate`, with its arguments checked first.
+
+        `max_length`: `None` (the preprocessor's `sequence_length`) or a positive int;
+        `0`, a negative number or a float is a `ValueError` naming it (keras-hub would
+        read `0` as "the default"). A `bytes` prompt (`b"\xffab"`) is one prompt of
+        raw bytes, as a `str` is (keras-hub treated it as a batch). Without a
+        preprocessor, `inputs` is `{"token_ids", "padding_mask"}`: token ids outside
+        `[0, vocabulary_size)` and a `padding_mask` that is not a prefix per row
+        (`[1, 0, 1, 0]`) are refused by name (checked on the values, so for NumPy or
+        eager tensors; a `tf.data.Dataset` is not read ahead).
+        """
         self._check_causal()
-        return super().generate(inputs, max_length=max_length,
-                                stop_token_ids=stop_token_ids, strip_prompt=strip_prompt)
+        if max_length is not None:
+            validation.positive_int("max_length", max_length)
+        if self.preprocessor is None:
+            self._check_token_inputs(inputs)
+        one_bytes_prompt = isinstance(inputs, bytes)
+        if one_bytes_prompt and self.preprocessor is not None:
+            inputs = [inputs]
+        outputs = super().generate(inputs, max_length=max_length,
+                                   stop_token_ids=stop_token_ids, strip_prompt=strip_prompt)
+        if one_bytes_prompt and self.preprocessor is not None:
+            outputs = outputs[0]
+        return outputs
+
+    def _check_token_inputs(self, inputs):
+        """Token ids in the vocabulary and prefix padding masks, by name (values that can
+        be read now only)."""
+        if not isinstance(inputs, dict):
+            return
+        vocabulary = self.backbone.vocabulary_size
+        token_ids = inputs.get("token_ids")
+        if token_ids is not None and not fast_paths.is_traced(token_ids):
+            ids = np.asarray(ops.convert_to_numpy(token_ids))
+            if not np.issubdtype(ids.dtype, np.integer):
+                raise ValueError(
+                    f"Invalid token_ids of dtype {ids.dtype}: expected integer token ids "
+                    f"in [0, {vocabulary})."
+                )
+            if ids.size and (ids.min() < 0 or ids.max() >= vocabulary):
+                bad = ids[(ids < 0) | (ids >= vocabulary)]
+                raise ValueError(
+                    f"Invalid token_ids: {sorted(set(bad.tolist()))[:8]} outside the "
+                    f"vocabulary; expected ids in [0, {vocabulary}) (the backbone's "
+                    "vocabulary_size)."
+                )
+        mask = inputs.get("padding_mask")
+        if mask is not None and not fast_paths.is_traced(mask):
+            mask = np.asarray(ops.convert_to_numpy(mask))
+            if mask.ndim == 1:
+                mask = mask[None]
+            if mask.ndim == 2 and mask.shape[1] > 1:
+                mask = mask.astype(bool)
+                gaps = np.logical_and(mask[:, 1:], np.logical_not(mask[:, :-1])).any(axis=1)
+                if gaps.any():
+                    row = int(np.nonzero(gaps)[0][0])
+                    raise ValueError(
+                        f"Invalid padding_mask: row {row} is "
+                        f"{mask[row].astype(int).tolist()}, expected a prefix per row "
+                        "(True for the prompt's tokens, then False: a right-padded "
+                        "prompt)."
+                    )

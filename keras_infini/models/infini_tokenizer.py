@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+from keras_hub.src.utils.tensor_utils import get_decode_errors_name
 from keras_hub.tokenizers import ByteTokenizer
 
 PAD_ID, START_ID, END_ID = 256, 257, 258
@@ -12,7 +13,8 @@ class InfiniByteTokenizer(ByteTokenizer):
     """Raw UTF-8 bytes `0..255` (keras-hub's `ByteTokenizer`) and three special ids after
     them: padding 256, start 257, end 258 (vocabulary 259), the layout of
     `examples/byte_datasets.py`. `lowercase` defaults to False (keras-hub's lowercasing
-    needs `tensorflow-text`). Special ids are dropped when detokenizing.
+    needs `tensorflow-text`). Special ids are dropped when detokenizing; byte 0 is kept
+    (`[[97, 0, 98]]` -> `"a\x00b"`; keras-hub's byte tokenizer drops id 0 as padding).
     """
 
     def __init__(self, lowercase=False, **kwargs):
@@ -48,7 +50,15 @@ class InfiniByteTokenizer(ByteTokenizer):
                 return [int(t) for t in x if 0 <= int(t) < 256]
             return x
 
-        return self._detokenize_python(keep_bytes(inputs))
+        return self._decode(keep_bytes(inputs))
+
+    def _decode(self, inputs):
+        """Bytes to strings, byte 0 included: keras-hub's `ByteTokenizer` drops id 0 as
+        its padding, but padding here is id 256 and `"\x00"` is a real byte."""
+        errors = get_decode_errors_name(self.errors, self.replacement_char)
+        if inputs and isinstance(inputs[0], (list, tuple)):
+            return [bytes(row).decode("utf-8", errors=errors) for row in inputs]
+        return bytes(inputs).decode("utf-8", errors=errors)
 
     # keras-hub's preset saver asks every tokenizer for its assets (vocabulary files);
     # ByteTokenizer has none and lacks these hooks (keras-hub 0.32).

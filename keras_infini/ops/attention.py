@@ -140,25 +140,42 @@ def _einsum_attention(query, key, value, key_valid, causal, segment_len,
     return ops.where(has_key, attended, ops.zeros_like(attended))
 
 
+def _fused_magnitude_limit(dim_key):
+    """Largest `|entry|` of a query or key that the fused path passes to the kernel.
+
+    Keras' `dot_product_attention` hides keys by adding a finite bias (`-0.7 * float32
+    max`, torch) to their logits, and a logit of a hidden key that reaches ~1e38 outweighs
+    it (the hidden key then wins the softmax), or overflows to inf (`inf - big = inf`,
+    `inf - inf = nan`). With every query and key entry within this limit a logit is at
+    most `dim_key * limit^2 / sqrt(dim_key) = 1e36` in magnitude, so a hidden key's
+    biased logit stays below every visible one and its probability is exactly 0.
+    """
+    return (1.0e36 / float(dim_key) ** 0.5) ** 0.5
+
+
 def _fused_attention(query, key, value, key_valid, causal, segment_len):
     """`ops.dot_product_attention` over `(batch * n, S, heads, dim)`, float32 throughout.
 
     The fused kernels add a large negative bias to hidden logits (or skip them blockwise),
-    so a non-finite key or value may still reach a query that must not see it (`nan +
-    bias = nan`, `0 * nan = nan`). Non-finite entries are replaced by zeros before the
-    call, and the queries that really see a non-finite key or value get NaN back
-    afterwards.
+    so a key or value may still reach a query that must not see it: `nan + bias = nan`,
+    `0 * nan = nan`, and a huge finite key's logit can overflow or outweigh the bias.
+    A token is "bad" when its key or value has a non-finite entry or its key an entry
+    beyond `_fused_magnitude_limit` (it could overflow a logit): its whole key and value
+    rows are replaced by zeros before the call, and the queries that really see a bad
+    token get NaN back afterwards (as with the einsum path, where a query that sees a
+    non-finite value gets NaN). A query beyond the limit (or non-finite) spoils only its
+    own row: it is zeroed for the kernel and its row is NaN.
     """
     batch, num, heads = ops.shape(query)[0], ops.shape(query)[1], query.shape[2]
     out_dtype = value.dtype
     dim_value = value.shape[-1]
     hides_keys = causal or key_valid is not None
-    bad = None
+    bad = bad_query = None
 
-    def to_bthd(t, finite_only=False):
+    def to_bthd(t, drop=None):
         t = ops.cast(t, "float32")
-        if finite_only:
-            t = ops.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+        if drop is not None:  # whole rows of bad tokens (any value) replaced by zeros
+            t = ops.where(drop[..., None], ops.zeros_like(t), t)
         # Heads and tokens swapped first, then merged: the projections' einsum leaves
         # `(b, n, h, S, d)` as a permuted view of a `(b, n, S, h, d)` buffer, which this
         # order turns into `(b * n, S, h, d)` without a copy.
@@ -166,28 +183,30 @@ def _fused_attention(query, key, value, key_valid, causal, segment_len):
         return ops.reshape(t, (batch * num, segment_len, heads, t.shape[-1]))
 
     if hides_keys:
-        # A token is "bad" when the sum of its key or value row is not finite (a NaN or
-        # inf entry, or finite entries whose sum overflows float32, which would overflow
-        # the logits too): two float reductions instead of an elementwise test and a
-        # boolean reduction. A non-finite query spoils only its own row: queries pass as
-        # they are.
-        sums = ops.sum(ops.cast(key, "float32"), axis=-1) + ops.sum(
-            ops.cast(value, "float32"), axis=-1
-        )
-        bad = ops.logical_not(ops.isfinite(sums))  # (b, n, h, S)
+        limit = _fused_magnitude_limit(query.shape[-1])
+        key32, value32, query32 = (ops.cast(t, "float32") for t in (key, value, query))
+        # Sums catch NaN/inf on every backend (a max may skip NaN); maxima catch keys
+        # that are finite but could overflow a logit.
+        sums = ops.sum(key32, axis=-1) + ops.sum(value32, axis=-1)
+        bad = ops.logical_or(ops.logical_not(ops.isfinite(sums)),
+                             ops.max(ops.abs(key32), axis=-1) > limit)  # (b, n, h, S)
+        bad_query = ops.logical_or(ops.logical_not(ops.isfinite(ops.sum(query32, axis=-1))),
+                                   ops.max(ops.abs(query32), axis=-1) > limit)
         # The replacement passes (and their backward) run only when some token is bad,
         # where that branch costs no device sync (host memory, or traced: compiled).
-        any_bad = ops.any(bad) if backend.branch_is_free(bad) else None
+        any_bad = ops.logical_or(ops.any(bad), ops.any(bad_query)) \
+            if backend.branch_is_free(bad) else None
+        replaced = lambda: (to_bthd(query32, bad_query), to_bthd(key32, bad),  # noqa: E731
+                            to_bthd(value32, bad))
         if any_bad is None:
-            key, value = to_bthd(key, True), to_bthd(value, True)
+            query, key, value = replaced()
         else:
-            key, value = ops.cond(
-                any_bad,
-                lambda: (to_bthd(key, True), to_bthd(value, True)),
-                lambda: (to_bthd(key), to_bthd(value)),
+            query, key, value = ops.cond(
+                any_bad, replaced,
+                lambda: (to_bthd(query32), to_bthd(key32), to_bthd(value32)),
             )
     else:
-        key, value = to_bthd(key), to_bthd(value)
+        query, key, value = to_bthd(query), to_bthd(key), to_bthd(value)
     mask = None
     if key_valid is not None:
         valid = ops.cast(key_valid, "bool")
@@ -198,14 +217,13 @@ def _fused_attention(query, key, value, key_valid, causal, segment_len):
             ops.logical_or(valid, ops.logical_not(any_valid)),
             (batch * num, 1, 1, segment_len),
         )
-    attended = ops.dot_product_attention(
-        to_bthd(query), key, value, mask=mask, is_causal=causal
-    )
+    attended = ops.dot_product_attention(query, key, value, mask=mask, is_causal=causal)
     attended = ops.reshape(attended, (batch, num, segment_len, heads, dim_value))
     attended = ops.swapaxes(attended, 2, 3)
     if hides_keys:
         def with_nan():
             sees_bad = _sees_non_finite_value(None, key_valid, causal, bad=bad)
+            sees_bad = ops.logical_or(sees_bad, bad_query[..., None])
             return ops.where(sees_bad, ops.cast(float("nan"), attended.dtype), attended)
 
         attended = with_nan() if any_bad is None else ops.cond(
