@@ -432,6 +432,8 @@ def parent_main(args):
                 "train_flops_factor": _common.TRAIN_FLOPS_FACTOR,
             },
             "records": records,
+            # for scripts/docs_tables.py: what a docs table names next to its numbers
+            "run": _common.run_info("bench_attention.py"),
         }
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
