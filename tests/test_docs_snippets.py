@@ -4,7 +4,7 @@ A block is a fenced block tagged `python` (the fence at the start of a line). HT
 just before it (invisible on GitHub and in the built site) adjust how it is run; they are
 the only mechanism, the shown code is never edited for the test:
 
-- `<!-- test: substitute "OLD" "NEW" -->`: replace OLD by NEW before running (tiny sizes;
+- `<!-- test: substitute "OLD" "NEW" -->` (each marker at the start of a line): replace OLD by NEW before running (tiny sizes;
   OLD must occur in the block). Repeatable.
 - `<!-- test: prelude` ... `-->`: hidden setup code run first, in the block's namespace
   (the objects a fragment refers to).
@@ -30,7 +30,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOC_FILES = [ROOT / "README.md"] + sorted((ROOT / "docs").rglob("*.md"))
-MARKER = re.compile(r"<!-- test: (\w+)(.*?)-->", re.S)
+MARKER = re.compile(r"^<!-- test: (\w+)(.*?)-->", re.S | re.M)  # at a line start
 FENCE = re.compile(r"^```(\S*)\s*$")
 
 
