@@ -304,10 +304,11 @@ def fmt_length(n):
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
-def run_info(script):
-    """Command, date, machine and backend of this benchmark run (recorded in its JSON)."""
+def run_info(script, argv=None):
+    """Command, date, machine and backend of this benchmark run (recorded in its JSON);
+    `argv`: the arguments the script parsed (default: the command line)."""
     backend = os.environ.get("KERAS_BACKEND", "tensorflow")
-    args = " ".join(sys.argv[1:])
+    args = " ".join(sys.argv[1:] if argv is None else argv)
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

@@ -280,7 +280,8 @@ def main(argv=None):
         import _common
 
         line = dict(record, model=args.model, batch=args.batch, prompt=args.prompt,
-                    new=args.new, run=_common.run_info("bench_generate.py"))
+                    new=args.new, run=_common.run_info("bench_generate.py",
+                                               sys.argv[1:] if argv is None else argv))
         with open(args.json, "a") as f:
             f.write(json.dumps(line) + "\n")
     return record
