@@ -167,3 +167,14 @@ def test_doc_block(block, clean_state):
                                     f"{run.stderr[-5000:]}"
         return
     exec(compile(source, where, "exec"), {"__name__": "__docs__"})
+
+
+def test_readme_is_a_front_page():
+    """The README stays short (the details live in docs/) and its relative links resolve."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [link for link in links if not re.match(r"[a-z]+:", link)]
+    assert local, "expected links into docs/"
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert not missing, f"README links to missing files: {missing}"
