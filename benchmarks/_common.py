@@ -302,3 +302,24 @@ def fmt_percent(x):
 def fmt_length(n):
     """Sequence length as `1K`, `4K`, `64K` when a multiple of 1024, else the number."""
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def run_info(script, argv=None):
+    """Command, date, machine and backend of this benchmark run (recorded in its JSON);
+    `argv`: the arguments the script parsed (default: the command line)."""
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    args = " ".join(sys.argv[1:] if argv is None else argv)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            cpu = f"{len(names)} x {names[0]}"
+    except OSError:
+        pass
+    return {
+        "command": f"KERAS_BACKEND={backend} python benchmarks/{script} {args}".rstrip(),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.system()} {cpu}",
+        "backend": backend,
+    }

@@ -432,6 +432,8 @@ def parent_main(args):
                 "train_flops_factor": _common.TRAIN_FLOPS_FACTOR,
             },
             "records": records,
+            # for scripts/docs_tables.py: what a docs table names next to its numbers
+            "run": _common.run_info("bench_attention.py", args.argv),
         }
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
@@ -513,6 +515,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.child:
         child_main(args)
         return 0

@@ -31,6 +31,7 @@ markdown table row (`--header` first prints the header).
 import argparse
 import os
 import platform
+import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -60,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs of each measurement (the minimum is kept)")
     p.add_argument("--header", action="store_true", help="print the table header first")
+    p.add_argument("--json", metavar="PATH", default=None,
+                   help="append this run's record (one JSON line) to PATH, for "
+                        "scripts/docs_tables.py")
     p.add_argument("--step-time", action="store_true",
                    help="infini: also time the compiled one-token cache step alone, over "
                         "segment_len + 1 steps after the prompt (a segment fold included)")
@@ -267,8 +271,20 @@ def main(argv=None):
           f"{prefill:.3f} | {total:.3f} | {args.batch / per_token:,.0f} | "
           f"{1000 * per_token:.2f} | {'-' if step is None else f'{1000 * step:.2f}'} |",
           flush=True)
-    return {"prefill": prefill, "total": total, "per_token": per_token, "step": step,
-            "machine": platform.processor() or platform.machine()}
+    record = {"prefill": prefill, "total": total, "per_token": per_token, "step": step,
+              "machine": platform.processor() or platform.machine()}
+    if args.json:
+        import json
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import _common
+
+        line = dict(record, model=args.model, batch=args.batch, prompt=args.prompt,
+                    new=args.new, run=_common.run_info("bench_generate.py",
+                                               sys.argv[1:] if argv is None else argv))
+        with open(args.json, "a") as f:
+            f.write(json.dumps(line) + "\n")
+    return record
 
 
 if __name__ == "__main__":

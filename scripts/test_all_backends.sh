@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Install the test dependencies into .venv (once) and run the whole suite, then the
-# docstring examples (pytest --doctest-modules keras_infini), on TensorFlow, JAX and
-# PyTorch. Exits non-zero if any run fails.
+# Install the test dependencies into .venv (once); build the documentation strictly
+# (mkdocs build --strict) and build, check and install the wheel (scripts/check_package.sh),
+# once; then run the whole suite (every code block of README.md and docs/ included:
+# tests/test_docs_snippets.py), then the docstring examples (pytest --doctest-modules
+# keras_infini), on TensorFlow, JAX and PyTorch. Exits non-zero if any step fails.
 # Usage: bash scripts/test_all_backends.sh [extra pytest args]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +15,16 @@ fi
 # keras-hub without its dependencies (see requirements-test.txt): keeps one TensorFlow.
 .venv/bin/pip install -q --no-deps "keras-hub==0.32.0" || exit 1
 status=0
+echo "=== documentation: mkdocs build --strict ==="
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir site
+rc=$?
+echo "=== documentation: exit $rc ==="
+[[ $rc -ne 0 ]] && status=1
+echo "=== package: build, twine check, install the wheel in a fresh environment ==="
+bash scripts/check_package.sh .venv/bin/python
+rc=$?
+echo "=== package: exit $rc ==="
+[[ $rc -ne 0 ]] && status=1
 # XLA (JAX, and TensorFlow's jit_compile) compiles every op at its lowest LLVM optimisation
 # level: the suite's time is mostly compilation of small programs, ~20% less on JAX. The
 # numbers computed are the same function; benchmarks run without this flag.

@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import keras
@@ -49,6 +50,15 @@ def test_bench_attention_runs_one_grouped_configuration(bench, tmp_path, capsys)
     printed = capsys.readouterr().out
     assert "group_tokens: 256" in printed
     assert "| cm-delta" in printed
+    # the JSON records its run, and scripts/docs_tables.py turns it into a docs table
+    assert "bench_attention.py --lengths 512" in data["run"]["command"]
+    assert data["run"]["date"] and data["run"]["machine"]
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "scripts", "docs_tables.py")
+    table = subprocess.run([sys.executable, script, "attention", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    assert "| cm-delta" in table.stdout and "Command: `KERAS_BACKEND=" in table.stdout
 
 
 @pytest.mark.parametrize(

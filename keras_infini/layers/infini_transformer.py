@@ -67,8 +67,8 @@ class InfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         normalize_first: pre-norm (`True`) or post-norm (`False`).
         layer_norm_epsilon: epsilon of both `LayerNormalization`s.
         return_state: also return the attention's final `(memory, norm)`.
-        kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer,
-            kernel_constraint, bias_constraint: for every projection (attention
+        kernel_initializer: and `bias_initializer`, `kernel_regularizer`, `bias_regularizer`,
+            `kernel_constraint`, `bias_constraint`: for every projection (attention
             query/key/value/output kernels, MLP `mlp_in`/`mlp_out` kernels and biases), each
             sublayer getting its own clone, as in Keras' `MultiHeadAttention`.
         memory_feature_map, write_strength, gate_init, gate_lr_scale, memory_decay: memory

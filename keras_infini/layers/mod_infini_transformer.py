@@ -111,12 +111,12 @@ class MoDInfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixi
             `ceil(segment_len / sampling_factor)` tokens.
         return_state: as in `InfiniTransformer`.
         router_loss_weight: non-negative weight of the router loss.
-        kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer,
-            kernel_constraint, bias_constraint: for every projection of the block and the
+        kernel_initializer: and `bias_initializer`, `kernel_regularizer`, `bias_regularizer`,
+            `kernel_constraint`, `bias_constraint`: for every projection of the block and the
             router (see `InfiniTransformer`).
-        update, causal, positional_embedder, init_state_learnable, dropout,
-        normalize_first, layer_norm_epsilon, memory_feature_map, write_strength,
-            gate_init, gate_lr_scale, memory_decay: keyword arguments (`BLOCK_OPTIONS`)
+        update: and `causal`, `positional_embedder`, `init_state_learnable`, `dropout`,
+            `normalize_first`, `layer_norm_epsilon`, `memory_feature_map`,
+            `write_strength`, `gate_init`, `gate_lr_scale`, `memory_decay`: keyword arguments (`BLOCK_OPTIONS`)
             handed to the inner `InfiniTransformer` unchanged, with its defaults and checks
             (the positional embedder is built for the full `segment_len`).
         return_router_outputs: also return `selection` (float 0/1, the routing used) and
