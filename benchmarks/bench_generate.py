@@ -19,7 +19,9 @@ segment, padded to `segment_len`, from the state at its start; greedy argmax on 
 (intermediate 256) with its KV cache.
 
 Timing: each measured call runs once before (compile / warm-up), then `--repeats` times
-(the minimum is kept). `prefill` is the time of
+(the minimum is kept). `compile` is the first call of the `--new` generation minus its
+best later call: the compilation of `generate` for that `max_length`, paid once per
+`compile(sampler=...)` (and, where a backend retraces, per new `max_length`). `prefill` is the time of
 a generation of 1 new token (prompt processing plus one step), `generate` the time of
 `--new` new tokens, and new tokens/s = `(new - 1) / (generate - prefill)`. Prints one
 markdown table row (`--header` first prints the header).
@@ -69,11 +71,15 @@ def blocks_config(args):
 
 
 REPEATS = 3
+FIRST_CALLS = []  # wall time of the first (compiling) call of each `best_of`
 
 
 def best_of(fn):
-    """Minimum wall time of `REPEATS` calls of `fn` (after one warm-up call)."""
+    """Minimum wall time of `REPEATS` calls of `fn` (after one warm-up call, whose time is
+    appended to `FIRST_CALLS`)."""
+    start = time.perf_counter()
     fn()
+    FIRST_CALLS.append(time.perf_counter() - start)
     times = []
     for _ in range(REPEATS):
         start = time.perf_counter()
@@ -209,8 +215,8 @@ def run_legacy(args, prompt):
 
 
 HEADER = ("| backend | model | batch | prompt | prefill (s) | prompt + new (s) | "
-          "new tokens/s | ms per new token | ms per cache step |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "new tokens/s | ms per new token | ms per cache step | compile (s) |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def main(argv=None):
@@ -222,16 +228,20 @@ def main(argv=None):
     prompt = prompt.astype("int32")
     runner = {"infini": run_infini, "gpt2": run_gpt2, "legacy": run_legacy,
               "previous": run_previous}[args.model]
+    del FIRST_CALLS[:]
     prefill, total, *rest = runner(args, prompt)
+    # The measurement of `total` is the last `best_of` of every runner but `--step-time`'s.
+    compile_time = max(FIRST_CALLS[-1] - total, 0.0)
     step = rest[0] if rest else None
     per_token = max(total - prefill, 1e-9) / max(args.new - 1, 1)
     if args.header:
         print(HEADER)
     print(f"| {keras.backend.backend()} | {args.model} | {args.batch} | {args.prompt} | "
           f"{prefill:.3f} | {total:.3f} | {args.batch / per_token:,.0f} | "
-          f"{1000 * per_token:.2f} | {'-' if step is None else f'{1000 * step:.2f}'} |",
-          flush=True)
+          f"{1000 * per_token:.2f} | {'-' if step is None else f'{1000 * step:.2f}'} | "
+          f"{compile_time:.2f} |", flush=True)
     return {"prefill": prefill, "total": total, "per_token": per_token, "step": step,
+            "compile": compile_time,
             "machine": platform.processor() or platform.machine()}
 
 

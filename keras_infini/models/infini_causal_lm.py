@@ -3,11 +3,20 @@
 import keras
 from keras import ops
 from keras_hub.models import CausalLM
+from keras_hub.samplers import ContrastiveSampler
 from keras_hub.src.utils.tensor_utils import any_equal
 
 from keras_infini.models.infini_backbone import InfiniBackbone
 from keras_infini.models.infini_causal_lm_preprocessor import InfiniCausalLMPreprocessor
 from keras_infini.ops import backend as fast_paths
+
+
+def _consumed_lengths(cache):
+    """`(batch,)` int32: tokens each row has consumed, from the first block's cache."""
+    layer_cache = cache[0]
+    while "length" not in layer_cache:  # a MoD block wraps its inner block's cache
+        layer_cache = layer_cache["attention"]
+    return layer_cache["length"]
 
 
 @keras.saving.register_keras_serializable(package="keras_infini")
@@ -126,11 +135,14 @@ class InfiniCausalLM(CausalLM):
         logits = self.backbone.token_embedding(hidden_states, reverse=True)
         return logits, hidden_states, cache
 
-    def _generation_step(self, token, cache, cache_update_index, row_lengths):
+    def _generation_step(self, token, cache, cache_update_index, row_lengths=None):
         """One step of `generate`: the token at `cache_update_index` `(batch, 1)` against
-        the cache; a row takes it once its prompt (`row_lengths`) is in its cache.
+        the cache; a row takes it once its prompt is in its cache, i.e. when the row
+        has consumed `cache_update_index` tokens (the prefill leaves `row_length - 1`).
+        The rows' state lives in the cache only, so samplers that expand or reorder the
+        batch (beam, contrastive) carry it along (`row_lengths` is ignored).
         Returns `(logits, hidden_states, cache)` for that position."""
-        takes = (cache_update_index >= row_lengths - 1)[:, None]
+        takes = (_consumed_lengths(cache) <= cache_update_index)[:, None]
         logits, hidden_states, cache = self.call_with_cache(
             token, cache, cache_update_index, padding_mask=takes
         )
@@ -157,6 +169,11 @@ class InfiniCausalLM(CausalLM):
         self._check_causal()
         token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
         hidden_states, cache = self._build_cache(token_ids, padding_mask)
+        if isinstance(self.sampler, ContrastiveSampler):
+            # The contrastive sampler compares new hidden states with the prompt's, up to
+            # the last prompt token, which the prefill leaves to the first step: take
+            # them from one full call instead (only this sampler reads them).
+            hidden_states = self.backbone(inputs)
         row_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=-1)
         index = ops.maximum(ops.min(row_lengths), 1)
 
@@ -166,7 +183,7 @@ class InfiniCausalLM(CausalLM):
             cache_update_index = index - 1
             batch_size = ops.shape(prompt)[0]
             token = ops.slice(prompt, [0, cache_update_index], [batch_size, 1])
-            return decode_step(token, cache, cache_update_index, row_lengths)
+            return decode_step(token, cache, cache_update_index)
 
         token_ids = self.sampler(
             next=next, prompt=token_ids, cache=cache, index=index, mask=padding_mask,
