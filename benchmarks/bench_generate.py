@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--segment-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs of each measurement (the minimum is kept)")
+    p.add_argument("--prefill", choices=("segments", "steps"), default="segments",
+                   help="infini: compile(prefill=...) (steps: prompt through the decode loop)")
     p.add_argument("--header", action="store_true", help="print the table header first")
     p.add_argument("--step-time", action="store_true",
                    help="infini: also time the compiled one-token cache step alone, over "
@@ -127,7 +129,7 @@ def run_infini(args, prompt):
     from keras_infini.models import InfiniBackbone, InfiniCausalLM
 
     lm = InfiniCausalLM(InfiniBackbone(**blocks_config(args)))
-    lm.compile(sampler="greedy")
+    lm.compile(sampler="greedy", prefill=args.prefill)
     step = decode_step_seconds(lm, prompt, args.segment_len + 1) if args.step_time else None
     return hub_generate(lm, prompt, 1), hub_generate(lm, prompt, args.new), step
 

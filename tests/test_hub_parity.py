@@ -116,3 +116,128 @@ def test_random_samplers_run_on_mixed_prompt_lengths(lm, name):
     assert got_mask.all() and got.min() >= 0 and got.max() < 259
     if reference is not None:
         np.testing.assert_array_equal(got, uncached_sample(lm, reference, ids, mask))
+
+
+def test_document_windows_keep_every_byte_in_order():
+    from keras_infini.models import document_windows
+
+    window = 16
+    text = "".join(chr(97 + i % 26) for i in range(5 * window))  # 5x the window
+    preprocessor = InfiniCausalLMPreprocessor(InfiniByteTokenizer(), sequence_length=window)
+    x, y, weight = preprocessor.windows(text)
+    ids, mask = x["token_ids"], x["padding_mask"]
+    assert ids.shape == (6, window)  # start + 80 bytes = 81 inputs -> 6 windows
+    stream = np.array([257] + list(text.encode()) + [258])
+    np.testing.assert_array_equal(ids[mask], stream[:-1])  # each token once, in order
+    np.testing.assert_array_equal(y[mask], stream[1:])  # labels: the next token
+    np.testing.assert_array_equal(weight > 0, mask)
+    assert mask.sum() == len(text) + 1 and not mask[-1, 1:].any()
+    x2, _, _ = document_windows([text, "ab"], window)
+    assert x2["token_ids"].shape == (7, window)  # documents never share a window
+    with pytest.raises(ValueError, match="sequence_length=0"):
+        document_windows(text, 0)
+
+
+def test_tokenizer_loads_from_a_saved_preset(tmp_path):
+    model = InfiniCausalLM(
+        backbone(num_layers=1, mod_every=0),
+        InfiniCausalLMPreprocessor(InfiniByteTokenizer(), sequence_length=8),
+    )
+    model.save_to_preset(str(tmp_path))
+    for cls in (InfiniByteTokenizer, keras_hub.tokenizers.Tokenizer):
+        tokenizer = cls.from_preset(str(tmp_path))
+        assert isinstance(tokenizer, InfiniByteTokenizer)
+        np.testing.assert_array_equal(numpy(tokenizer("hi")), [104, 105])
+
+
+def test_keras_infini_lora_and_backbone_lora_are_one_mechanism(tmp_path):
+    import keras_infini
+
+    ids = np.random.default_rng(3).integers(0, 256, size=(2, 6)).astype("int32")
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    path = str(tmp_path / "adapters.lora.h5")
+    first = InfiniCausalLM(backbone(num_layers=2, mod_every=2))
+    second = InfiniCausalLM(backbone(num_layers=2, mod_every=2))
+    second.set_weights(first.get_weights())  # the same base model
+    layers = keras_infini.enable_lora(first, rank=2)
+    for layer in layers:  # non-zero adapters
+        layer.lora_kernel_b.assign(np.full(layer.lora_kernel_b.shape, 0.05, "float32"))
+    first.backbone.save_lora_weights(path)  # keras-hub's saver sees keras_infini's LoRA
+    second.backbone.enable_lora(rank=2)  # keras-hub's entry point: the same layers
+    assert [lyr.path for lyr in keras_infini.lora.projections(second)] == \
+        [lyr.path for lyr in layers]
+    second.backbone.load_lora_weights(path)
+    np.testing.assert_allclose(numpy(second(x)), numpy(first(x)), atol=1e-5)
+
+
+def test_lora_finds_projections_by_role_not_by_name():
+    import keras_infini
+
+    layer = keras_infini.InfiniTransformer(8, 16, 4, 4, 2, "gelu", 4, causal=True)
+    layer.build((None, None, 8))
+    up, down = layer.mlp_in, layer.mlp_out
+    del layer.mlp_in, layer.mlp_out  # an MLP under other names (e.g. a converted model)
+    layer.up_proj, layer.down_proj = up, down
+    found = keras_infini.enable_lora(layer, rank=2)
+    assert {id(up), id(down)} <= {id(f) for f in found}
+    assert len(found) == 6  # query, key, value, output and the two MLP projections
+
+
+def test_refusals_by_name():
+    with pytest.raises(ValueError, match="nonsense_option=1"):
+        backbone(nonsense_option=1)
+    with pytest.raises(ValueError, match="nonsense_option=1"):
+        InfiniCausalLM(backbone(num_layers=1, mod_every=0), nonsense_option=1)
+    small = backbone(num_layers=1, mod_every=0, vocabulary_size=256)
+    with pytest.raises(ValueError, match="vocabulary_size=259.*vocabulary_size=256"):
+        InfiniCausalLM(small, InfiniCausalLMPreprocessor(InfiniByteTokenizer(),
+                                                         sequence_length=8))
+    model = InfiniCausalLM(small)
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(True))
+    ids = np.full((2, 6), 258, "int32")  # the byte tokenizer's end id, beyond 256 ids
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    with pytest.raises(ValueError, match=r"x\['token_ids'\].*id 258.*vocabulary_size=256"):
+        model.fit(x, np.zeros_like(ids), epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"Invalid y.*id -1"):
+        model.fit({"token_ids": ids * 0, "padding_mask": ids > 0}, ids * 0 - 1, verbose=0)
+
+
+def test_keras_hub_argument_names_on_the_layers():
+    import keras_infini
+
+    keras.utils.set_random_seed(0)
+    positional = keras_infini.InfiniTransformer(8, 16, 4, 2, 2, "gelu", 4, causal=True)
+    named = keras_infini.InfiniTransformer(hidden_dim=8, intermediate_dim=16, key_dim=4,
+                                           value_dim=2, num_heads=2, activation="gelu",
+                                           segment_len=4, causal=True)
+    assert named.get_config() == dict(positional.get_config(), name=named.name)
+    memory = keras_infini.CompressiveMemory(hidden_dim=8, key_dim=4, value_dim=2,
+                                            num_heads=2, segment_len=4)
+    assert (memory.dim_input, memory.dim_key, memory.dim_value) == (8, 4, 2)
+    mod = keras_infini.MoDInfiniTransformer(hidden_dim=8, intermediate_dim=16, key_dim=4,
+                                            value_dim=2, num_heads=2, activation="gelu",
+                                            segment_len=4, sampling_factor=2)
+    assert "dim_hidden" in mod.get_config() and "intermediate_dim" not in mod.get_config()
+    x = np.random.default_rng(0).normal(size=(1, 5, 8)).astype("float32")
+    named.set_weights(positional.get_weights()) if named.build((None, None, 8)) is None \
+        and positional.build((None, None, 8)) is None else None
+    np.testing.assert_allclose(numpy(named(x)), numpy(positional(x)), atol=1e-6)
+    with pytest.raises(ValueError, match="hidden_dim=8 together with dim_input=8"):
+        keras_infini.CompressiveMemory(8, 4, 2, 2, 4, hidden_dim=8)
+    with pytest.raises(ValueError, match="key_dim=4 together with dim_key=4"):
+        keras_infini.InfiniTransformer(8, 16, dim_key=4, key_dim=4, dim_value=2,
+                                       num_heads=2, activation="gelu", segment_len=4)
+
+
+def test_prefill_through_the_decode_loop_gives_the_same_tokens(lm):
+    ids, mask = prompts()
+    lm.compile(sampler="greedy", prefill="steps")
+    try:
+        out = numpy(lm.generate({"token_ids": ids, "padding_mask": mask},
+                                stop_token_ids=None)["token_ids"])
+    finally:
+        lm.compile(sampler="greedy")
+    reference = uncached_sample(lm, keras_hub.samplers.GreedySampler(), ids, mask)
+    np.testing.assert_array_equal(out, reference)
+    with pytest.raises(ValueError, match="prefill='all'"):
+        lm.compile(prefill="all")

@@ -5,7 +5,9 @@
 - `InfiniCausalLM`: a `keras_hub.models.CausalLM` (`generate`, keras-hub samplers through
   `compile(sampler=...)`, presets) decoding with the blocks' fixed-shape cache.
 - `InfiniCausalLMPreprocessor` and `InfiniByteTokenizer` (keras-hub's `ByteTokenizer`
-  with start, end and padding ids after the 256 bytes).
+  with start, end and padding ids after the 256 bytes); `document_windows` (also
+  `InfiniCausalLMPreprocessor.windows`) cuts documents longer than `sequence_length` into
+  consecutive training windows instead of truncating them.
 """
 
 try:
@@ -20,6 +22,7 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess tes
 from keras_infini.models.infini_backbone import InfiniBackbone
 from keras_infini.models.infini_causal_lm import InfiniCausalLM
 from keras_infini.models.infini_causal_lm_preprocessor import InfiniCausalLMPreprocessor
+from keras_infini.models.infini_causal_lm_preprocessor import document_windows
 from keras_infini.models.infini_tokenizer import InfiniByteTokenizer
 
 __all__ = [
@@ -27,4 +30,5 @@ __all__ = [
     "InfiniByteTokenizer",
     "InfiniCausalLM",
     "InfiniCausalLMPreprocessor",
+    "document_windows",
 ]

@@ -4,6 +4,8 @@ import keras
 import numpy as np
 from keras_hub.tokenizers import ByteTokenizer
 
+from keras_infini.models.infini_backbone import InfiniBackbone
+
 PAD_ID, START_ID, END_ID = 256, 257, 258
 
 
@@ -13,7 +15,12 @@ class InfiniByteTokenizer(ByteTokenizer):
     them: padding 256, start 257, end 258 (vocabulary 259), the layout of
     `examples/byte_datasets.py`. `lowercase` defaults to False (keras-hub's lowercasing
     needs `tensorflow-text`). Special ids are dropped when detokenizing.
+
+    Loads from a preset directory saved by `InfiniCausalLM.save_to_preset`, as
+    `InfiniByteTokenizer.from_preset(dir)` or `keras_hub.tokenizers.Tokenizer.from_preset(dir)`.
     """
+
+    backbone_cls = InfiniBackbone
 
     def __init__(self, lowercase=False, **kwargs):
         super().__init__(lowercase=lowercase, **kwargs)
