@@ -60,6 +60,8 @@ def uncached_sample(lm, sampler, ids, mask, stop_token_ids=None):
     out = sampler(next=next, prompt=ops.convert_to_tensor(ids), cache=None, index=index,
                   mask=ops.convert_to_tensor(mask), stop_token_ids=stop_token_ids,
                   hidden_states=full(ops.convert_to_tensor(ids))[1], model=lm)
+    if isinstance(out, tuple):  # return_all_beams=True: (beams, scores)
+        return tuple(numpy(x) for x in out)
     return numpy(out)
 
 
@@ -99,6 +101,44 @@ def test_deterministic_samplers_equal_the_uncached_model(lm, name):
             keep = np.arange(MAX_LENGTH) <= (end[0] if len(end) else MAX_LENGTH)
             np.testing.assert_array_equal(got_mask[r], keep, err_msg=f"row {r}")
             np.testing.assert_array_equal(got[r][keep], expected[r][keep], err_msg=f"row {r}")
+
+
+class LogitsSampler(keras_hub.samplers.Sampler):
+    """Runs `next` at every position from `index` on (the prompt is kept: every position
+    is a given token) and returns the logits of every position, `(batch, length, vocab)`,
+    in place of tokens."""
+
+    def __call__(self, next, prompt, cache=None, index=0, mask=None, **kwargs):
+        length = ops.shape(prompt)[1]
+        logits = ops.zeros((ops.shape(prompt)[0], length, 259), "float32")
+
+        def body(cache, index, logits):
+            step, _, cache = next(prompt, cache, index)
+            logits = ops.slice_update(logits, [0, index - 1, 0],
+                                      ops.cast(step, "float32")[:, None, :])
+            return cache, index + 1, logits
+
+        _, _, logits = self.run_loop(
+            cond=lambda *_: True, body=body, loop_vars=(cache, ops.cast(index, "int32"), logits),
+            maximum_iterations=length - index + 1, model=kwargs.get("model"))
+        return logits
+
+
+def test_every_step_returns_the_full_models_logits_inside_prefilled_prompts(lm):
+    """keras-hub samplers read the logits of every step, at a row's prompt positions
+    too (beam adds the best log-probabilities to its scores there, contrastive stores the
+    hidden states): a row whose prompt is already prefilled past a position must get
+    that position's logits as the full model gives them (without it: beam scores drift
+    and beams change)."""
+    ids, mask = prompts()
+    lm.compile(sampler=LogitsSampler())
+    lm.make_generate_function()  # compiled as generate compiles it
+    got = numpy(lm.generate_function({"token_ids": ops.convert_to_tensor(ids),
+                                      "padding_mask": ops.convert_to_tensor(mask)},
+                                     None)["token_ids"])
+    full = numpy(lm({"token_ids": ids, "padding_mask": np.ones_like(mask)}))
+    assert got.shape == full.shape  # positions 0 .. MAX_LENGTH - 1
+    np.testing.assert_allclose(got, full, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["top_k", "top_p", "random"])

@@ -201,13 +201,36 @@ class InfiniCausalLM(CausalLM):
         """One step of `generate`: the token at `cache_update_index` `(batch, 1)` against
         the cache; a row takes it once its prompt is in its cache, i.e. when the row
         has consumed `cache_update_index` tokens (the prefill leaves `row_length - 1`).
+        A row whose prompt is prefilled past that position returns the prefill's hidden
+        state there (`cache["prompt_hidden_states"]`), so every row gets the logits and
+        hidden state of that position as the full model gives them: samplers read them
+        at prompt positions too (beam scores, contrastive similarities).
         The rows' state lives in the cache only, so samplers that expand or reorder the
         batch (beam, contrastive) carry it along (`row_lengths` is ignored).
         Returns `(logits, hidden_states, cache)` for that position."""
-        takes = (_consumed_lengths(cache) <= cache_update_index)[:, None]
-        logits, hidden_states, cache = self.call_with_cache(
-            token, cache, cache_update_index, padding_mask=takes
+        prompt_hidden_states = None
+        if isinstance(cache, dict):
+            prompt_hidden_states = cache["prompt_hidden_states"]
+            blocks = cache["blocks"]
+        else:
+            blocks = cache
+        takes = (_consumed_lengths(blocks) <= cache_update_index)[:, None]
+        hidden_states, blocks = self._blocks_with_cache(
+            token, blocks, cache_update_index, takes
         )
+        if prompt_hidden_states is not None:
+            # Selected by a mask (static shapes, no dynamic slice; `where`, not a one-hot
+            # product, so a non-finite value at another position cannot leak in).
+            positions = ops.arange(ops.shape(prompt_hidden_states)[1], dtype="int32")
+            at = positions == ops.cast(cache_update_index, "int32")
+            known = ops.sum(ops.where(at[None, :, None], prompt_hidden_states, 0.0),
+                            axis=1, keepdims=True)
+            hidden_states = ops.where(takes[..., None], hidden_states,
+                                      ops.cast(known, hidden_states.dtype))
+            cache = {"blocks": blocks, "prompt_hidden_states": prompt_hidden_states}
+        else:
+            cache = blocks
+        logits = self.backbone.token_embedding(hidden_states, reverse=True)
         return ops.squeeze(logits, axis=1), ops.squeeze(hidden_states, axis=1), cache
 
     def _build_cache(self, token_ids, padding_mask):
@@ -225,12 +248,9 @@ class InfiniCausalLM(CausalLM):
     def _prefill_in_loop(self, token_ids):
         return getattr(self, "_generate_prefill", "segments") == "steps"
 
-    def generate_step(self, inputs, stop_token_ids=None):
-        """A compilable generation function for one batch of right-padded prompts
-        (`{"token_ids", "padding_mask"}`), as keras-hub's GPT-2: the sampler runs one
-        position at a time from the shortest prompt on; a row takes the token at a
-        position once its prompt is in its cache (before that, the position holds its own
-        prompt token, which the sampler keeps)."""
+    def _sample(self, inputs, stop_token_ids=None):
+        """The sampler's raw output for `generate_step` (a `BeamSampler` with
+        `return_all_beams=True` gives `(beams, log_probs)`)."""
         self._check_causal()
         token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
         row_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=-1)
@@ -244,6 +264,9 @@ class InfiniCausalLM(CausalLM):
             index = ops.convert_to_tensor(1, "int32")
         else:
             hidden_states, cache = self._build_cache(token_ids, padding_mask)
+            # The prefill's hidden states travel with the cache (expanded and reordered
+            # with it): the steps inside a row's prefilled prompt return them.
+            cache = {"blocks": cache, "prompt_hidden_states": hidden_states}
             index = ops.maximum(ops.min(row_lengths), 1)
         if isinstance(self.sampler, ContrastiveSampler):
             # The contrastive sampler compares new hidden states with the prompt's, up to
@@ -259,10 +282,20 @@ class InfiniCausalLM(CausalLM):
             token = ops.slice(prompt, [0, cache_update_index], [batch_size, 1])
             return decode_step(token, cache, cache_update_index)
 
-        token_ids = self.sampler(
+        return self.sampler(
             next=next, prompt=token_ids, cache=cache, index=index, mask=padding_mask,
             stop_token_ids=stop_token_ids, hidden_states=hidden_states, model=self,
         )
+
+    def generate_step(self, inputs, stop_token_ids=None):
+        """A compilable generation function for one batch of right-padded prompts
+        (`{"token_ids", "padding_mask"}`), as keras-hub's GPT-2: the sampler runs one
+        position at a time from the shortest prompt on; a row takes the token at a
+        position once its prompt is in its cache (before that, the position holds its own
+        prompt token, which the sampler keeps, and the step returns the prefill's logits
+        and hidden state there)."""
+        padding_mask = inputs["padding_mask"]
+        token_ids = self._sample(inputs, stop_token_ids)
         if stop_token_ids is not None:
             end_locations = any_equal(
                 token_ids, stop_token_ids, ops.logical_not(padding_mask)
