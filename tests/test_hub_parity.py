@@ -16,6 +16,10 @@ from keras_infini.models import InfiniCausalLMPreprocessor  # noqa: E402
 S = 4
 LENGTHS = np.array([1, S - 1, S + 2])  # a batch of prompts of different lengths
 MAX_LENGTH = S + 2 + 5
+# torch: the decode step runs eagerly here. The compiled step (an Inductor compile per
+# batch shape: ~30 s each on a 2-core CPU, and beam/contrastive expand the batch) is
+# tested in tests/test_models.py; JAX and TensorFlow compile `generate` as users get it.
+GENERATE = {"jit_compile": False} if keras.backend.backend() == "torch" else {}
 
 
 def numpy(x):
@@ -66,7 +70,7 @@ def uncached_sample(lm, sampler, ids, mask, stop_token_ids=None):
 
 
 def cached_generate(lm, sampler, ids, mask, stop_token_ids=None):
-    lm.compile(sampler=sampler)
+    lm.compile(sampler=sampler, **GENERATE)
     out = lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=stop_token_ids)
     return numpy(out["token_ids"]), numpy(out["padding_mask"])
 
@@ -131,7 +135,7 @@ def test_every_step_returns_the_full_models_logits_inside_prefilled_prompts(lm):
     that position's logits as the full model gives them (without it: beam scores drift
     and beams change)."""
     ids, mask = prompts()
-    lm.compile(sampler=LogitsSampler())
+    lm.compile(sampler=LogitsSampler(), **GENERATE)
     lm.make_generate_function()  # compiled as generate compiles it
     got = numpy(lm.generate_function({"token_ids": ops.convert_to_tensor(ids),
                                       "padding_mask": ops.convert_to_tensor(mask)},
@@ -271,12 +275,12 @@ def test_keras_hub_argument_names_on_the_layers():
 
 def test_prefill_through_the_decode_loop_gives_the_same_tokens(lm):
     ids, mask = prompts()
-    lm.compile(sampler="greedy", prefill="steps")
+    lm.compile(sampler="greedy", prefill="steps", **GENERATE)
     try:
         out = numpy(lm.generate({"token_ids": ids, "padding_mask": mask},
                                 stop_token_ids=None)["token_ids"])
     finally:
-        lm.compile(sampler="greedy")
+        lm.compile(sampler="greedy", **GENERATE)
     reference = uncached_sample(lm, keras_hub.samplers.GreedySampler(), ids, mask)
     np.testing.assert_array_equal(out, reference)
     with pytest.raises(ValueError, match="prefill='all'"):
