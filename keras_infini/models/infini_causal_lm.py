@@ -64,9 +64,9 @@ class InfiniCausalLM(CausalLM):
         """keras-hub's `compile`, plus `prefill`: how `generate` takes the prompt.
         `"segments"` (default): one segment-parallel prefill, fastest for long prompts;
         `"steps"`: through the decode loop, one position per step, so nothing but the
-        step is compiled (example size, loaded 2-core CPU: compile JAX 39-70 s -> 15 s, TF
-        136 s -> 30 s; a 1,024-token prompt 0.09 s -> 0.28 s on JAX, 0.10 s -> 0.68 s on
-        TF; README, "Generation: the decode cache and `InfiniCausalLM`")."""
+        step is compiled (example size, 2-core CPU: compile JAX 6.5 s -> 2.1 s, TF
+        11.9 s -> 3.6 s; a 1,024-token prompt 0.02 s -> 0.22 s on JAX, 0.02 s -> 0.46 s
+        on TF; README, "Generation: the decode cache and `InfiniCausalLM`")."""
         if prefill not in ("segments", "steps"):
             raise ValueError(
                 f"Invalid prefill={prefill!r}: expected 'segments' or 'steps'."
