@@ -22,7 +22,9 @@ with its KV cache, and `llama-infini`, that model converted with
 `InfiniCausalLM.from_causal_lm(..., segment_len=--segment-len)` (fixed-size cache).
 
 Timing: each measured call runs once before (compile / warm-up), then `--repeats` times
-(the minimum is kept). `prefill` is the time of
+(the minimum is kept). `compile` is the first call of the `--new` generation minus its
+best later call: the compilation of `generate` for that `max_length`, paid once per
+`compile(sampler=...)` (and, where a backend retraces, per new `max_length`). `prefill` is the time of
 a generation of 1 new token (prompt processing plus one step), `generate` the time of
 `--new` new tokens, and new tokens/s = `(new - 1) / (generate - prefill)`. Prints one
 markdown table row (`--header` first prints the header).
@@ -60,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--segment-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs of each measurement (the minimum is kept)")
+    p.add_argument("--prefill", choices=("segments", "steps"), default="segments",
+                   help="infini: compile(prefill=...) (steps: prompt through the decode loop)")
     p.add_argument("--header", action="store_true", help="print the table header first")
     p.add_argument("--json", metavar="PATH", default=None,
                    help="append this run's record (one JSON line) to PATH, for "
@@ -77,11 +81,15 @@ def blocks_config(args):
 
 
 REPEATS = 3
+FIRST_CALLS = []  # wall time of the first (compiling) call of each `best_of`
 
 
 def best_of(fn):
-    """Minimum wall time of `REPEATS` calls of `fn` (after one warm-up call)."""
+    """Minimum wall time of `REPEATS` calls of `fn` (after one warm-up call, whose time is
+    appended to `FIRST_CALLS`)."""
+    start = time.perf_counter()
     fn()
+    FIRST_CALLS.append(time.perf_counter() - start)
     times = []
     for _ in range(REPEATS):
         start = time.perf_counter()
@@ -129,7 +137,7 @@ def run_infini(args, prompt):
     from keras_infini.models import InfiniBackbone, InfiniCausalLM
 
     lm = InfiniCausalLM(InfiniBackbone(**blocks_config(args)))
-    lm.compile(sampler="greedy")
+    lm.compile(sampler="greedy", prefill=args.prefill)
     step = decode_step_seconds(lm, prompt, args.segment_len + 1) if args.step_time else None
     return hub_generate(lm, prompt, 1), hub_generate(lm, prompt, args.new), step
 
@@ -217,8 +225,8 @@ def run_legacy(args, prompt):
 
 
 HEADER = ("| backend | model | batch | prompt | prefill (s) | prompt + new (s) | "
-          "new tokens/s | ms per new token | ms per cache step |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "new tokens/s | ms per new token | ms per cache step | compile (s) |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def llama_source(args):
@@ -262,16 +270,20 @@ def main(argv=None):
     runner = {"infini": run_infini, "gpt2": run_gpt2, "legacy": run_legacy,
               "previous": run_previous, "llama": run_llama,
               "llama-infini": run_llama_infini}[args.model]
+    del FIRST_CALLS[:]
     prefill, total, *rest = runner(args, prompt)
+    # The measurement of `total` is the last `best_of` of every runner but `--step-time`'s.
+    compile_time = max(FIRST_CALLS[-1] - total, 0.0)
     step = rest[0] if rest else None
     per_token = max(total - prefill, 1e-9) / max(args.new - 1, 1)
     if args.header:
         print(HEADER)
     print(f"| {keras.backend.backend()} | {args.model} | {args.batch} | {args.prompt} | "
           f"{prefill:.3f} | {total:.3f} | {args.batch / per_token:,.0f} | "
-          f"{1000 * per_token:.2f} | {'-' if step is None else f'{1000 * step:.2f}'} |",
-          flush=True)
+          f"{1000 * per_token:.2f} | {'-' if step is None else f'{1000 * step:.2f}'} | "
+          f"{compile_time:.2f} |", flush=True)
     record = {"prefill": prefill, "total": total, "per_token": per_token, "step": step,
+              "compile": compile_time,
               "machine": platform.processor() or platform.machine()}
     if args.json:
         import json

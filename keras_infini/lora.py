@@ -11,6 +11,10 @@ For the attention projections (`kernel` `(dim_input, heads, dim_key)` for `query
 Keras makes `a` of shape `kernel.shape[:-1] + (rank,)` and `b` of shape
 `(rank, kernel.shape[-1])`: a rank-`rank` update per head, with `b` shared by the heads.
 
+keras-hub: on an `InfiniCausalLM` (or its backbone) this is also what
+`backbone.enable_lora(rank)` does, and either way the backbone's `save_lora_weights` /
+`load_lora_weights` store and restore the adapters alone.
+
 Saving: Keras writes a LoRA-enabled projection's kernel with the adapters merged in, so a
 saved model (`.keras` or `.weights.h5`) reloads with identical outputs as a plain model
 without adapters; call `enable_lora` again on the loaded model to keep fine-tuning.
@@ -55,15 +59,32 @@ def _all_layers(model_or_layer):
     return layers
 
 
+def _dense_children(layer):
+    """The `Dense` / `EinsumDense` layers directly inside `layer` (not inside its other
+    sublayers), in tracking order: the projections `layer` owns, whatever their names."""
+    return [sub for sub in layer._flatten_layers(include_self=False, recursive=False)
+            if isinstance(sub, (keras.layers.Dense, keras.layers.EinsumDense))]
+
+
+def _require_built(layer):
+    if not layer.built:
+        raise ValueError(
+            f"Layer {layer.name!r} is not built: build the model (call it on data "
+            "or create it from `keras.Input`) before enabling LoRA."
+        )
+
+
 def projections(model_or_layer, targets=("attention", "mlp")):
-    """The `EinsumDense` / `Dense` projections of the keras_infini blocks, in model order.
+    """The `EinsumDense` / `Dense` projections of the keras_infini blocks, in model order,
+    found by role, not by attribute name.
 
     Args:
         model_or_layer: a `keras.Model` or layer containing `CompressiveMemory`,
             `InfiniTransformer` or `MoDInfiniTransformer` layers (or one of them).
-        targets: any of `"attention"` (`query`, `key`, `value`, `output` of every
-            `CompressiveMemory`), `"mlp"` (`mlp_in`, `mlp_out` of every block) and
-            `"router"` (the `Dense(1)` router of every `MoDInfiniTransformer`).
+        targets: any of `"attention"` (the projections of every `CompressiveMemory`:
+            query, key, value, output), `"mlp"` (the `Dense` / `EinsumDense` layers a block
+            owns outside its attention, e.g. `mlp_in`, `mlp_out`) and `"router"` (those a
+            `MoDInfiniTransformer` owns outside its inner block: the `Dense(1)` router).
     """
     targets = _check_targets(targets)
     found, seen = [], set()
@@ -75,32 +96,35 @@ def projections(model_or_layer, targets=("attention", "mlp")):
 
     for layer in _all_layers(model_or_layer):
         if isinstance(layer, CompressiveMemory) and "attention" in targets:
-            if not layer.built:
-                raise ValueError(
-                    f"Layer {layer.name!r} is not built: build the model (call it on data "
-                    "or create it from `keras.Input`) before enabling LoRA."
-                )
-            for dense in (layer.query_dense, layer.key_dense, layer.value_dense,
-                          layer.output_dense):
+            _require_built(layer)
+            for dense in _dense_children(layer):
                 add(dense)
         if isinstance(layer, MoDInfiniTransformer) and "router" in targets:
-            if not layer.built:
-                raise ValueError(
-                    f"Layer {layer.name!r} is not built: build the model (call it on data "
-                    "or create it from `keras.Input`) before enabling LoRA."
-                )
-            add(layer.router)
-        if isinstance(layer, InfiniTransformer):
-            if not layer.built:
-                raise ValueError(
-                    f"Layer {layer.name!r} is not built: build the model (call it on data "
-                    "or create it from `keras.Input`) before enabling LoRA."
-                )
-            if "mlp" in targets:
-                add(layer.mlp_in)
-                add(layer.mlp_out)
+            _require_built(layer)
+            for dense in _dense_children(layer):
+                add(dense)
+        if isinstance(layer, InfiniTransformer) and "mlp" in targets:
+            _require_built(layer)
+            for dense in _dense_children(layer):
+                add(dense)
 
     return found
+
+
+def _record_on_backbones(model_or_layer, layers, rank):
+    """Lets keras-hub's `Backbone.save_lora_weights` / `load_lora_weights` find the
+    adapters: each backbone inside `model_or_layer` records the indices of the LoRA layers
+    in its list of layers with weights (keras-hub's `_lora_enabled_layers`)."""
+    enabled = {id(layer) for layer in layers}
+    for owner in _all_layers(model_or_layer):
+        if not hasattr(owner, "save_lora_weights"):  # a keras_hub Backbone
+            continue
+        with_weights = [lyr for lyr in owner._flatten_layers(include_self=False)
+                        if lyr.weights]
+        indices = [i for i, lyr in enumerate(with_weights) if id(lyr) in enabled]
+        if indices:
+            owner._lora_enabled_layers = indices
+            owner._lora_rank = rank
 
 
 def enable_lora(model_or_layer, rank, targets=("attention", "mlp"), lora_alpha=None,
@@ -150,6 +174,7 @@ def enable_lora(model_or_layer, rank, targets=("attention", "mlp"), lora_alpha=N
         for variable in model_or_layer.weights:
             if id(variable) not in adapters:
                 variable.trainable = False
+    _record_on_backbones(model_or_layer, layers, rank)
     return layers
 
 

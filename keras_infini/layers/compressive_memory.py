@@ -16,6 +16,7 @@ from keras_infini.ops import memory as memory_ops
 from keras_infini.ops import segments as segment_ops
 from keras_infini import distribution
 from keras_infini import validation
+from keras_infini.layers._aliases import keras_hub_names
 
 UPDATES = ("linear", "delta")
 MEMORY_HEADS = ("key_value", "query")
@@ -253,6 +254,7 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
     (2, 100, 32)
     """
 
+    @keras_hub_names
     def __init__(
         self, dim_input, dim_key, dim_value, num_heads, segment_len, sampling_factor=None,
         update="linear", causal=False, positional_embedder=None, init_state_learnable=False,

@@ -11,6 +11,7 @@ from keras_infini.layers.activations import get_activation
 from keras_infini.layers.compressive_memory import CompressiveMemory
 from keras_infini.layers.compressive_memory import resolve_positional_embedder
 from keras_infini.layers.rotary import RoPEEmbeddings
+from keras_infini.layers._aliases import keras_hub_names
 
 
 def named_positional_embedder(positional_embedder, dim_key, seq_len):
@@ -94,6 +95,7 @@ class InfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
     (2, 40, 32)
     """
 
+    @keras_hub_names
     def __init__(
         self, dim_input, dim_hidden, dim_key, dim_value, num_heads, activation, segment_len,
         update="linear", causal=False, positional_embedder=None, init_state_learnable=False,

@@ -20,6 +20,7 @@ from keras_infini.layers.infini_transformer import InfiniTransformer
 from keras_infini.layers.infini_transformer import named_positional_embedder
 from keras_infini.ops import routing
 from keras_infini.ops import segments as segment_ops
+from keras_infini.layers._aliases import keras_hub_names
 
 
 def segment_capacity(segment_len, sampling_factor):
@@ -159,6 +160,7 @@ class MoDInfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixi
     (2, 40, 32)
     """
 
+    @keras_hub_names
     def __init__(
         self, dim_input, dim_hidden, dim_key, dim_value, num_heads, activation, segment_len,
         sampling_factor, return_state=False, router_loss_weight=1.0,

@@ -5,7 +5,9 @@
 - `InfiniCausalLM`: a `keras_hub.models.CausalLM` (`generate`, keras-hub samplers through
   `compile(sampler=...)`, presets) decoding with the blocks' fixed-shape cache.
 - `InfiniCausalLMPreprocessor` and `InfiniByteTokenizer` (keras-hub's `ByteTokenizer`
-  with start, end and padding ids after the 256 bytes).
+  with start, end and padding ids after the 256 bytes); `document_windows` (also
+  `InfiniCausalLMPreprocessor.windows`) cuts documents longer than `sequence_length` into
+  consecutive training windows instead of truncating them.
 - Converted pretrained decoders: `InfiniBackbone.from_backbone(llama_backbone,
   segment_len=...)` / `InfiniCausalLM.from_causal_lm(causal_lm_or_preset_dir, ...)` give
   an `InfiniDecoderBackbone` / `InfiniDecoderCausalLM` (Llama 2/3, Mistral, Qwen, Qwen3,
@@ -24,6 +26,7 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess tes
 from keras_infini.models.infini_backbone import InfiniBackbone
 from keras_infini.models.infini_causal_lm import InfiniCausalLM
 from keras_infini.models.infini_causal_lm_preprocessor import InfiniCausalLMPreprocessor
+from keras_infini.models.infini_causal_lm_preprocessor import document_windows
 from keras_infini.models.infini_tokenizer import InfiniByteTokenizer
 from keras_infini.models.infini_decoder import HubRotaryEmbedding
 from keras_infini.models.infini_decoder import InfiniDecoderBackbone
@@ -43,4 +46,5 @@ __all__ = [
     "HubRotaryEmbedding",
     "convert_backbone",
     "convert_causal_lm",
+    "document_windows",
 ]

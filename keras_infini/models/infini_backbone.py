@@ -10,6 +10,21 @@ from keras_infini.layers.mod_infini_transformer import MoDInfiniTransformer
 from keras_infini.layers.rotary import YaRNEmbeddings
 
 EMBEDDERS = (None, "rope", "yarn")
+# Keyword arguments a keras-hub model passes on to `keras.Model` (and saves in its config).
+MODEL_KWARGS = ("name", "trainable", "dtype")
+
+
+def refuse_unknown_kwargs(owner, kwargs, allowed=MODEL_KWARGS):
+    """ValueError naming every keyword argument of `owner` not in `allowed` (keras-hub's
+    `Backbone` / `Task` would otherwise swallow a misspelt or unsupported option)."""
+    unknown = sorted(name for name in kwargs if name not in allowed)
+    if unknown:
+        given = ", ".join(f"{name}={kwargs[name]!r}" for name in unknown)
+        raise ValueError(
+            f"Invalid keyword argument(s) for {owner}: {given}. {owner} does not take "
+            f"{'it' if len(unknown) == 1 else 'them'}; beside its own arguments it allows "
+            f"only {allowed}."
+        )
 
 
 @keras.saving.register_keras_serializable(package="keras_infini")
@@ -76,6 +91,7 @@ class InfiniBackbone(Backbone):
         dtype=None,
         **kwargs,
     ):
+        refuse_unknown_kwargs(type(self).__name__, kwargs)
         vocabulary_size = validation.positive_int("vocabulary_size", vocabulary_size)
         num_layers = validation.positive_int("num_layers", num_layers)
         hidden_dim = validation.positive_int("hidden_dim", hidden_dim)
@@ -191,6 +207,17 @@ class InfiniBackbone(Backbone):
         from keras_infini.models.convert import convert_backbone
 
         return convert_backbone(backbone, segment_len, **options)
+
+    def enable_lora(self, rank, target_layer_names=None):
+        """keras-hub's `Backbone.enable_lora`, by role: with `target_layer_names=None`,
+        `keras_infini.enable_lora(self, rank)` (LoRA on every block's attention and MLP
+        projections, every other weight frozen); with names, keras-hub's name matching.
+        Either way `save_lora_weights` / `load_lora_weights` then work."""
+        if target_layer_names is not None:
+            return super().enable_lora(rank, target_layer_names=target_layer_names)
+        from keras_infini import lora
+
+        lora.enable_lora(self, rank)
 
     @staticmethod
     def get_layout_map(device_mesh, model_parallel_dim_name="model",

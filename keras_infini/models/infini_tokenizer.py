@@ -5,6 +5,8 @@ import numpy as np
 from keras_hub.src.utils.tensor_utils import get_decode_errors_name
 from keras_hub.tokenizers import ByteTokenizer
 
+from keras_infini.models.infini_backbone import InfiniBackbone
+
 PAD_ID, START_ID, END_ID = 256, 257, 258
 
 
@@ -15,7 +17,12 @@ class InfiniByteTokenizer(ByteTokenizer):
     `examples/byte_datasets.py`. `lowercase` defaults to False (keras-hub's lowercasing
     needs `tensorflow-text`). Special ids are dropped when detokenizing; byte 0 is kept
     (`[[97, 0, 98]]` -> `"a\x00b"`; keras-hub's byte tokenizer drops id 0 as padding).
+
+    Loads from a preset directory saved by `InfiniCausalLM.save_to_preset`, as
+    `InfiniByteTokenizer.from_preset(dir)` or `keras_hub.tokenizers.Tokenizer.from_preset(dir)`.
     """
+
+    backbone_cls = InfiniBackbone
 
     def __init__(self, lowercase=False, **kwargs):
         super().__init__(lowercase=lowercase, **kwargs)
