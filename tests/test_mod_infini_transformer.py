@@ -327,7 +327,8 @@ def test_block_is_a_composed_infini_transformer():
          "layer_norm_epsilon", "return_state", "router_loss_weight", "return_router_outputs",
          "kernel_initializer", "bias_initializer", "kernel_regularizer", "bias_regularizer",
          "kernel_constraint", "bias_constraint", "memory_feature_map", "write_strength",
-         "gate_init", "gate_lr_scale", "memory_decay"])
+         "gate_init", "gate_lr_scale", "memory_decay", "num_key_value_heads", "memory_heads",
+         "memory_gate"])
 
 
 def test_router_loss_logged_by_fit():

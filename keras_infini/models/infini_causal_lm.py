@@ -23,6 +23,16 @@ def _consumed_lengths(cache):
     return layer_cache["length"]
 
 
+def _loaded_vocabulary_size(tokenizer):
+    """The tokenizer's vocabulary size, or None while its vocabulary assets are not loaded
+    (keras-hub's `from_preset` builds the task first and loads a BPE vocabulary or a
+    SentencePiece proto into the tokenizer afterwards)."""
+    for assets in ("vocabulary", "proto"):
+        if hasattr(tokenizer, assets) and getattr(tokenizer, assets) is None:
+            return None
+    return int(tokenizer.vocabulary_size())
+
+
 @keras.saving.register_keras_serializable(package="keras_infini")
 class InfiniCausalLM(CausalLM):
     """Next-token model on an `InfiniBackbone`, with keras-hub's `generate`.
@@ -101,8 +111,8 @@ class InfiniCausalLM(CausalLM):
     def __init__(self, backbone, preprocessor=None, **kwargs):
         refuse_unknown_kwargs(type(self).__name__, kwargs, MODEL_KWARGS + ("compile",))
         tokenizer = getattr(preprocessor, "tokenizer", None)
-        if tokenizer is not None and hasattr(backbone, "vocabulary_size"):
-            size = int(tokenizer.vocabulary_size())
+        size = _loaded_vocabulary_size(tokenizer) if tokenizer is not None else None
+        if size is not None and hasattr(backbone, "vocabulary_size"):
             if size > backbone.vocabulary_size:
                 raise ValueError(
                     f"Invalid preprocessor: its tokenizer has vocabulary_size={size} (ids up "
