@@ -296,14 +296,14 @@ class InfiniCausalLM(CausalLM):
 
         decode_step = getattr(self, "_decode_step", None) or self._generation_step
 
-        def next(prompt, cache, index):
+        def next_logits(prompt, cache, index):  # not `next`: autograph reads builtins
             cache_update_index = index - 1
             batch_size = ops.shape(prompt)[0]
             token = ops.slice(prompt, [0, cache_update_index], [batch_size, 1])
             return decode_step(token, cache, cache_update_index)
 
         return self.sampler(
-            next=next, prompt=token_ids, cache=cache, index=index, mask=padding_mask,
+            next=next_logits, prompt=token_ids, cache=cache, index=index, mask=padding_mask,
             stop_token_ids=stop_token_ids, hidden_states=hidden_states, model=self,
         )
 
