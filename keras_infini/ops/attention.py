@@ -185,13 +185,14 @@ def _fused_attention(query, key, value, key_valid, causal, segment_len):
     if hides_keys:
         limit = _fused_magnitude_limit(query.shape[-1])
         key32, value32, query32 = (ops.cast(t, "float32") for t in (key, value, query))
-        # Sums catch NaN/inf on every backend (a max may skip NaN); maxima catch keys
-        # that are finite but could overflow a logit.
+        # Sums catch NaN/inf on every backend (a max may skip NaN); the magnitude test
+        # catches keys that are finite but could overflow a logit (`any`, not `max`: torch
+        # refuses the max of an empty batch).
         sums = ops.sum(key32, axis=-1) + ops.sum(value32, axis=-1)
         bad = ops.logical_or(ops.logical_not(ops.isfinite(sums)),
-                             ops.max(ops.abs(key32), axis=-1) > limit)  # (b, n, h, S)
+                             ops.any(ops.abs(key32) > limit, axis=-1))  # (b, n, h, S)
         bad_query = ops.logical_or(ops.logical_not(ops.isfinite(ops.sum(query32, axis=-1))),
-                                   ops.max(ops.abs(query32), axis=-1) > limit)
+                                   ops.any(ops.abs(query32) > limit, axis=-1))
         # The replacement passes (and their backward) run only when some token is bad,
         # where that branch costs no device sync (host memory, or traced: compiled).
         any_bad = ops.logical_or(ops.any(bad), ops.any(bad_query)) \
