@@ -778,3 +778,55 @@ def test_decay_compiled_fit_runs_several_steps(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     losses = np.load(tmp_path / "losses.npy")
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 64, 100])
+@pytest.mark.parametrize("decay", [False, True])
+def test_unit_lower_inverse_matches_float64_inverse(length, decay):
+    """`(I + A)^{-1}` by recursive block inversion (matmuls only) equals NumPy's float64
+    inverse, for lengths that are and are not powers of two, with and without decay; for
+    identical unit keys (`A` all ones below the diagonal) the inverse is bidiagonal."""
+    rng = np.random.default_rng(length)
+    keys = rng.normal(size=(2, 3, length, 8))
+    keys /= np.linalg.norm(keys, axis=-1, keepdims=True)
+    write = keys * rng.uniform(0, 1, size=(2, 3, length, 1))
+    g = np.cumsum(-rng.uniform(0, 0.3, size=(2, 3, length)), -1) if decay else None
+    steps = np.einsum("...tk,...ik->...ti", keys, write)
+    if decay:
+        steps = steps * np.exp(g[..., :, None] - g[..., None, :])
+    expected = np.linalg.inv(np.tril(steps, -1) + np.eye(length))
+    got = to_numpy(memory_ops.unit_lower_inverse(
+        keys.astype("float32"), write.astype("float32"),
+        None if g is None else g.astype("float32")))
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+    same = np.full((1, length, 4), 0.5, "float32")
+    bidiagonal = np.eye(length) - np.eye(length, k=-1)
+    np.testing.assert_allclose(to_numpy(memory_ops.unit_lower_inverse(same, same))[0],
+                               bidiagonal, atol=1e-6)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's compiled program")
+@pytest.mark.parametrize("decay", [False, True])
+def test_delta_rule_compiles_without_lapack_calls(decay):
+    """The token-level delta rule's compiled train step calls no LAPACK kernel. XLA on
+    CPU runs JAX's batched LU / triangular-solve kernels on its own intra-op thread pool,
+    where two of them at once waited on each other forever (a converted model's
+    `generate` hung at some prompt lengths); the solve is made of matmuls instead."""
+    import jax
+
+    layer = CompressiveMemory(32, 8, 8, 2, 16, update="delta", causal=True,
+                              memory_feature_map="l2", write_strength="hard_sigmoid",
+                              memory_decay=decay)
+    x = np.random.default_rng(0).normal(size=(2, 64, 32)).astype("float32")
+    layer(x)
+
+    def loss(trainable, x):
+        out, _ = layer.stateless_call(trainable, [v.value for v in
+                                                  layer.non_trainable_variables], x)
+        return jax.numpy.sum(out ** 2)
+
+    text = jax.jit(jax.grad(loss)).lower(
+        [v.value for v in layer.trainable_variables], x).compile().as_text()
+    assert "custom-call" not in text or not any(
+        name in text for name in ("lapack", "getrf", "trsm", "LuDecomposition")), [
+        line for line in text.splitlines() if "custom-call" in line][:5]

@@ -321,6 +321,62 @@ def feature_map(x, name):
     raise ValueError(f"Unknown feature map {name!r}; expected one of {FEATURE_MAPS}.")
 
 
+def _next_power_of_two(n):
+    size = 1
+    while size < n:
+        size *= 2
+    return size
+
+
+def unit_lower_inverse(read_k, write_k, cum_log_decay=None):
+    """`(I + A)^{-1}` for `A[t, i] = (k_t . w_i) e^(g_t - g_i)` when `i < t`, else 0
+    (`k = read_k`, `w = write_k`, `g = cum_log_decay`, non-increasing; no decay: `g = 0`).
+
+    Recursive block inversion of a unit lower triangular matrix (as DeltaNet's chunked
+    kernels do): for `T = [[P, 0], [C, Q]]`, `T^{-1} = [[P^-1, 0], [-Q^-1 C P^-1, Q^-1]]`,
+    from 1x1 blocks up to the whole (padded to a power of two) segment: `log2(S)`
+    levels of batched matmuls, each off-diagonal block `C` made directly from the keys
+    (strictly below the diagonal: no mask needed, every exponent `<= 0`). Only matmuls:
+    no LAPACK call (XLA on CPU runs JAX's batched LU / triangular solve kernels on its
+    own intra-op pool, where two of them at once can wait on each other forever; every
+    backend takes this path so their results stay the same).
+
+    Args:
+        read_k, write_k: float32 `(..., S, dk)`; cum_log_decay: float32 `(..., S)` or None.
+    Returns:
+        float32 `(..., S, S)`, unit lower triangular.
+    """
+    length = read_k.shape[-2]
+    size = _next_power_of_two(length)
+    lead = tuple(ops.shape(read_k)[:-2])
+    if size != length:
+        pad = [(0, 0)] * (len(read_k.shape) - 2) + [(0, size - length), (0, 0)]
+        read_k, write_k = ops.pad(read_k, pad), ops.pad(write_k, pad)
+        if cum_log_decay is not None:  # the last value repeated: padded exponents <= 0
+            last = ops.repeat(cum_log_decay[..., -1:], size - length, axis=-1)
+            cum_log_decay = ops.concatenate([cum_log_decay, last], axis=-1)
+    dim = read_k.shape[-1]
+    inverse = ops.ones(lead + (size, 1, 1), dtype="float32")
+    block = 1
+    while block < size:
+        pairs = size // (2 * block)
+        k = ops.reshape(read_k, lead + (pairs, 2, block, dim))
+        w = ops.reshape(write_k, lead + (pairs, 2, block, dim))
+        lower = ops.einsum("...tk,...ik->...ti", k[..., 1, :, :], w[..., 0, :, :])
+        if cum_log_decay is not None:
+            g = ops.reshape(cum_log_decay, lead + (pairs, 2, block))
+            lower = lower * ops.exp(g[..., 1, :, None] - g[..., 0, None, :])
+        halves = ops.reshape(inverse, lead + (pairs, 2, block, block))
+        first, second = halves[..., 0, :, :], halves[..., 1, :, :]
+        corner = -ops.matmul(second, ops.matmul(lower, first))
+        top = ops.concatenate([first, ops.zeros_like(first)], axis=-1)
+        bottom = ops.concatenate([corner, second], axis=-1)
+        inverse = ops.concatenate([top, bottom], axis=-2)  # (..., pairs, 2b, 2b)
+        block *= 2
+    inverse = ops.reshape(inverse, lead + (size, size))
+    return inverse[..., :length, :length]
+
+
 def token_level_delta_inputs(read_k, write_k, value):
     """The delta rule applied token by token inside each segment (DeltaNet, Yang et al.
     2024), rewritten as inputs of the segment-level form `M + W^T (V' - K' M)`.
@@ -347,13 +403,8 @@ def token_level_delta_inputs(read_k, write_k, value):
     if length == 1:  # one token: A is empty
         return read_k, value
     dim_value = value.shape[-1]
-    steps = ops.einsum("...tk,...ik->...ti", read_k, write_k)  # k_t . w_i
-    rows = ops.arange(length)
-    earlier = rows[:, None] > rows[None, :]
-    system = ops.where(earlier, steps, 0.0) + ops.eye(length, dtype="float32")
-    solved = ops.solve_triangular(
-        system, ops.concatenate([value, read_k], axis=-1), lower=True
-    )
+    inverse = unit_lower_inverse(read_k, write_k)
+    solved = ops.matmul(inverse, ops.concatenate([value, read_k], axis=-1))
     return solved[..., dim_value:], solved[..., :dim_value]
 
 
@@ -370,9 +421,7 @@ def gated_token_level_delta_inputs(read_k, write_k, value, log_decay):
     segment-level recurrence with a decay per segment, `delta_memory_states_general(...,
     log_decay=g_S)`). Every exponent is `<= 0` (the differences are taken for `i < t`
     only), so nothing overflows. A token with `log alpha = 0` and zero keys (masked)
-    changes nothing. The system is unit lower triangular but is solved with the general
-    `ops.solve` (LU): under `jax.jit` the gradient of JAX's triangular solve for these
-    inputs waited forever on CPU (`test_decay_compiled_fit_runs_several_steps`).
+    changes nothing. The system is solved by `unit_lower_inverse` (matmuls only).
 
     Args:
         read_k, write_k: float32 `(..., S, dk)`; value: float32 `(..., S, dv)`;
@@ -388,12 +437,8 @@ def gated_token_level_delta_inputs(read_k, write_k, value, log_decay):
     write_out = write_k * ops.exp(last - g)[..., None]
     if length == 1:  # one token: A is empty
         return scaled_k, write_out, value, last[..., 0]
-    rows = ops.arange(length)
-    earlier = rows[:, None] > rows[None, :]
-    ratio = ops.exp(ops.where(earlier, g[..., :, None] - g[..., None, :], 0.0))
-    steps = ops.einsum("...tk,...ik->...ti", read_k, write_k) * ratio
-    system = ops.where(earlier, steps, 0.0) + ops.eye(length, dtype="float32")
-    solved = ops.solve(system, ops.concatenate([value, scaled_k], axis=-1))
+    inverse = unit_lower_inverse(read_k, write_k, g)
+    solved = ops.matmul(inverse, ops.concatenate([value, scaled_k], axis=-1))
     return solved[..., dim_value:], write_out, solved[..., :dim_value], last[..., 0]
 
 
