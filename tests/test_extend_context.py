@@ -1,0 +1,101 @@
+"""examples/extend_context.py end to end in `--smoke` mode: every stage, resumable, the
+conversion exact, the local-only gates closed after fine-tuning, `--train new` keeping the
+source weights, the report written."""
+
+import contextlib
+import importlib.util
+import io
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("keras_hub")
+
+from conftest import to_numpy  # noqa: E402
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location(
+        "keras_infini_example_extend_context", os.path.join(EXAMPLES, "extend_context.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(script, out, *extra):
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        script.main(["--smoke", "--out", str(out), "--verbose", "0", *extra])
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def runs(script, tmp_path_factory):
+    out = tmp_path_factory.mktemp("extend_context")
+    logs = [run(script, out)]  # every stage: memory variant, --train new
+    logs.append(run(script, out, "--stages", "finetune", "evaluate", "--variant", "local",
+                    "--train", "all"))
+    logs.append(run(script, out, "--stages", "finetune", "evaluate", "report", "--variant",
+                    "interp"))
+    return out, logs
+
+
+def test_every_stage_writes_its_output(runs):
+    out, _ = runs
+    for name in ("source", "converted", "memory-new-s0", "local-all-s0", "interp-all-s0"):
+        assert os.path.exists(os.path.join(out, name, "config.json")), name
+    for name in ("source", "memory-new-s0", "local-all-s0", "interp-all-s0"):
+        assert os.path.exists(os.path.join(out, f"{name}_eval.json")), name
+    report = open(os.path.join(out, "report.md")).read()
+    for name in ("memory-new-s0", "local-all-s0", "interp-all-s0", "source"):
+        assert f"| {name} |" in report
+    assert "open before" in report and os.path.exists(os.path.join(out, "results.json"))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert os.path.getsize(os.path.join(out, "passkey.png")) > 0
+
+
+def test_stages_resume(script, runs):
+    out, _ = runs
+    stamps = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)
+              if f.endswith(".json") and f != "results.json"}
+    log = run(script, out, "--stages", "pretrain", "convert", "finetune", "evaluate")
+    for stage in ("pretrain", "convert", "finetune memory-new-s0", "evaluate source",
+                  "evaluate memory-new-s0"):
+        assert f"{stage}: " in log and "exists, skipped" in log.split(f"{stage}: ")[1]
+    assert stamps == {f: os.path.getmtime(os.path.join(out, f)) for f in stamps}
+
+
+def test_converted_equals_the_source_on_a_short_input(script, runs):
+    out, _ = runs
+    source = script.load_preset(os.path.join(out, "source"))
+    converted = script.load_preset(os.path.join(out, "converted"))
+    x = np.random.default_rng(0).integers(0, 259, (2, 40)).astype("int32")
+    data = {"token_ids": x, "padding_mask": np.ones_like(x)}
+    want, got = to_numpy(source(data)), to_numpy(converted(data))
+    np.testing.assert_array_less(np.abs(got - want).max(), 1e-5 * np.abs(want).max())
+
+
+def test_local_only_gates_stay_closed_and_train_new_keeps_the_source(script, runs):
+    out, _ = runs
+    converted = script.load_preset(os.path.join(out, "converted"))
+    local = script.load_preset(os.path.join(out, "local-all-s0"))
+    memory = script.load_preset(os.path.join(out, "memory-new-s0"))
+    for block in local.backbone.transformer_layers:
+        np.testing.assert_array_equal(to_numpy(block.attention.gate), 0.0)
+    # local/all trained the pretrained weights (so the closed gates are not a no-op run)
+    assert any(not np.array_equal(to_numpy(a), to_numpy(b))
+               for a, b in zip(converted.backbone.weights, local.backbone.weights))
+    new = {v.path for v in converted.backbone.memory_variables()}
+    changed = set()
+    for before, after in zip(converted.backbone.weights, memory.backbone.weights):
+        assert before.path == after.path
+        if not np.array_equal(to_numpy(before), to_numpy(after)):
+            changed.add(before.path)
+    assert changed and changed <= new, sorted(changed - new)
