@@ -299,9 +299,16 @@ def stage_pretrain(args, out):
         hidden_dim=args.hidden_dim, intermediate_dim=args.intermediate_dim,
         rope_max_wavelength=args.rope_max_wavelength)
     lm = keras_hub.models.LlamaCausalLM(backbone, preprocessor=None)
-    docs, _ = load_streams(args, docs=True)
-    data = CausalLMData(datasets.ByteLMDataset(docs, args.context, args.pretrain_batch,
-                                               args.pretrain_steps, seed=args.pretrain_seed))
+    if args.pretrain_passkey_fraction > 0:  # in-context retrieval learned at the source
+        stream, _ = load_streams(args)
+        data = FinetuneData(stream, args.context, args.pretrain_batch, args.pretrain_steps,
+                            args.pretrain_seed, args.context, args.pretrain_passkey_fraction,
+                            args.answer_weight, args.aux_weight)
+    else:
+        docs, _ = load_streams(args, docs=True)
+        data = CausalLMData(datasets.ByteLMDataset(docs, args.context, args.pretrain_batch,
+                                                   args.pretrain_steps,
+                                                   seed=args.pretrain_seed))
     optimizer = keras.optimizers.AdamW(schedule(args.pretrain_lr, args.pretrain_steps),
                                        weight_decay=0.01, clipnorm=1.0)
     stats = fit(lm, data, optimizer, args.pretrain_minutes, args.verbose)
@@ -618,6 +625,10 @@ def parse_args(argv):
     p.add_argument("--pretrain-minutes", type=float, default=10.0,
                    help="wall-time cap of pretraining (stops early)")
     p.add_argument("--pretrain-seed", type=int, default=0)
+    p.add_argument("--pretrain-passkey-fraction", type=float, default=0.0,
+                   help="share of pretraining windows (of --context tokens) holding a "
+                        "passkey (weighted as in fine-tuning): the source learns to "
+                        "retrieve inside its own context")
     p.add_argument("--variant", choices=VARIANTS, default="memory")
     p.add_argument("--train", choices=("new", "all"), default="new",
                    help="fine-tune only the new memory parameters, or every weight")
@@ -662,6 +673,12 @@ def parse_args(argv):
                 setattr(args, key, value)
     if args.context * min(args.eval_mults + [args.ft_mult]) < passkey_overhead() + 8:
         p.error(f"--context too short for the passkey ({passkey_overhead()} tokens)")
+    if not 0.0 <= args.pretrain_passkey_fraction <= 1.0:
+        p.error(f"--pretrain-passkey-fraction must lie in [0, 1], got "
+                f"{args.pretrain_passkey_fraction}")
+    if args.pretrain_passkey_fraction > 0 and args.context < passkey_overhead() + 8:
+        p.error(f"--context {args.context} too short for a passkey in pretraining "
+                f"({passkey_overhead()} tokens + 8)")
     return args
 
 

@@ -99,3 +99,16 @@ def test_local_only_gates_stay_closed_and_train_new_keeps_the_source(script, run
         if not np.array_equal(to_numpy(before), to_numpy(after)):
             changed.add(before.path)
     assert changed and changed <= new, sorted(changed - new)
+
+
+def test_pretraining_with_passkeys(script, tmp_path):
+    """`--pretrain-passkey-fraction`: the source trains on windows of its own context that
+    hold a passkey (in-context retrieval before any extension); a fraction outside [0, 1]
+    is refused by name."""
+    run(script, tmp_path, "--stages", "pretrain", "--context", "128",
+        "--pretrain-passkey-fraction", "0.5")
+    assert os.path.exists(os.path.join(tmp_path, "source", "config.json"))
+    with pytest.raises(SystemExit):
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            run(script, tmp_path / "bad", "--pretrain-passkey-fraction", "1.5")
+    assert "--pretrain-passkey-fraction" in err.getvalue()
