@@ -293,12 +293,16 @@ def stage_pretrain(args, out):
         print(f"pretrain: copied --preset {args.preset} to {path}")
         return
     keras.utils.set_random_seed(args.pretrain_seed)
-    backbone = keras_hub.models.LlamaBackbone(
-        vocabulary_size=datasets.VOCAB_SIZE, num_layers=args.layers,
-        num_query_heads=args.heads, num_key_value_heads=args.kv_heads,
-        hidden_dim=args.hidden_dim, intermediate_dim=args.intermediate_dim,
-        rope_max_wavelength=args.rope_max_wavelength)
-    lm = keras_hub.models.LlamaCausalLM(backbone, preprocessor=None)
+    if args.pretrain_from:  # continue pretraining a saved source
+        lm = keras_hub.models.CausalLM.from_preset(args.pretrain_from)
+        backbone = lm.backbone
+    else:
+        backbone = keras_hub.models.LlamaBackbone(
+            vocabulary_size=datasets.VOCAB_SIZE, num_layers=args.layers,
+            num_query_heads=args.heads, num_key_value_heads=args.kv_heads,
+            hidden_dim=args.hidden_dim, intermediate_dim=args.intermediate_dim,
+            rope_max_wavelength=args.rope_max_wavelength)
+        lm = keras_hub.models.LlamaCausalLM(backbone, preprocessor=None)
     if args.pretrain_passkey_fraction > 0:  # in-context retrieval learned at the source
         stream, _ = load_streams(args)
         data = FinetuneData(stream, args.context, args.pretrain_batch, args.pretrain_steps,
@@ -625,6 +629,9 @@ def parse_args(argv):
     p.add_argument("--pretrain-minutes", type=float, default=10.0,
                    help="wall-time cap of pretraining (stops early)")
     p.add_argument("--pretrain-seed", type=int, default=0)
+    p.add_argument("--pretrain-from", default=None,
+                   help="continue pretraining this local keras-hub preset (e.g. an earlier "
+                        "run's <out>/source) instead of starting from random weights")
     p.add_argument("--pretrain-passkey-fraction", type=float, default=0.0,
                    help="share of pretraining windows (of --context tokens) holding a "
                         "passkey (weighted as in fine-tuning): the source learns to "

@@ -112,3 +112,23 @@ def test_pretraining_with_passkeys(script, tmp_path):
         with contextlib.redirect_stderr(io.StringIO()) as err:
             run(script, tmp_path / "bad", "--pretrain-passkey-fraction", "1.5")
     assert "--pretrain-passkey-fraction" in err.getvalue()
+
+
+def test_pretraining_continues_from_a_saved_source(script, tmp_path):
+    """`--pretrain-from DIR` continues from a saved source: the new source starts from its
+    weights (not from random ones) and is trained (its weights move)."""
+    import keras_hub
+
+    run(script, tmp_path / "a", "--stages", "pretrain")
+    first = keras_hub.models.CausalLM.from_preset(str(tmp_path / "a" / "source"))
+    run(script, tmp_path / "b", "--stages", "pretrain", "--pretrain-from",
+        str(tmp_path / "a" / "source"), "--pretrain-seed", "1", "--pretrain-lr", "1e-9")
+    barely = keras_hub.models.CausalLM.from_preset(str(tmp_path / "b" / "source"))
+    run(script, tmp_path / "c", "--stages", "pretrain", "--pretrain-from",
+        str(tmp_path / "a" / "source"), "--pretrain-seed", "1")
+    moved = keras_hub.models.CausalLM.from_preset(str(tmp_path / "c" / "source"))
+    for w0, w1, w2 in zip(first.backbone.weights, barely.backbone.weights,
+                          moved.backbone.weights):
+        np.testing.assert_allclose(to_numpy(w1), to_numpy(w0), atol=1e-6)
+    assert max(np.abs(to_numpy(w2) - to_numpy(w0)).max()
+               for w0, w2 in zip(first.backbone.weights, moved.backbone.weights)) > 1e-4

@@ -285,3 +285,58 @@ def test_prefill_through_the_decode_loop_gives_the_same_tokens(lm):
     np.testing.assert_array_equal(out, reference)
     with pytest.raises(ValueError, match="prefill='all'"):
         lm.compile(prefill="all")
+
+
+def _cache_leaves(cache, prefix=""):
+    """`{path: array}` of a model cache (a list of the blocks' nested dicts)."""
+    out = {}
+    items = enumerate(cache) if isinstance(cache, list) else cache.items()
+    for key, value in items:
+        if isinstance(value, (list, dict)):
+            out.update(_cache_leaves(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = numpy(value)
+    return out
+
+
+@pytest.mark.parametrize("config", [
+    dict(update="linear"),
+    dict(update="delta"),
+    dict(update="delta", memory_feature_map="l2", write_strength=True,
+         memory_decay="coupled", mod_every=0),
+    dict(update="delta", memory_feature_map="l2"),
+    dict(update="delta", memory_feature_map="dpfp", write_strength=True,
+         memory_decay=True),
+])
+def test_chunked_prefill_equals_the_segment_parallel_prefill(config):
+    """`generate`'s prefill runs one segment at a time (`_chunked_prefill`, a loop whose
+    step holds one segment's program); its hidden states and cache equal the
+    segment-parallel prefill of `call_with_cache` (the whole-sequence path): prompts
+    ending inside a segment, on a boundary (the segment folded), after one token (nothing
+    consumed) and several segments long."""
+    keras.utils.set_random_seed(1)
+    model = InfiniCausalLM(backbone(**config))
+    rng = np.random.default_rng(2)
+    for block in model.backbone.transformer_layers:  # an open memory
+        block.attention.gate.assign(rng.uniform(0.5, 1.5, 2).astype("float32"))
+    lengths = np.array([3 * S + 2, 2 * S + 1, 1, S + 1])  # consumes length - 1
+    total = 3 * S + 3
+    mask = np.arange(total)[None] < lengths[:, None]
+    ids = np.where(mask, rng.integers(0, 256, size=mask.shape), 0).astype("int32")
+    prefill_mask = np.arange(total)[None] < (lengths - 1)[:, None]
+    hidden, cache = model._build_cache(ops.convert_to_tensor(ids), ops.convert_to_tensor(mask))
+    want_hidden, want_cache = model._blocks_with_cache(
+        ops.convert_to_tensor(ids), model.build_cache(4), 0, ops.convert_to_tensor(prefill_mask)
+    )
+    np.testing.assert_allclose(numpy(hidden)[prefill_mask], numpy(want_hidden)[prefill_mask],
+                               rtol=1e-5, atol=1e-5)
+    got, want = _cache_leaves(cache), _cache_leaves(want_cache)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        g, w = got[name], want[name]
+        if name.endswith(("/key", "/value")):  # only the current segment's valid slots
+            valid = got[name[:name.rindex("/")] + "/valid"]
+            np.testing.assert_array_equal(valid, want[name[:name.rindex("/")] + "/valid"])
+            g, w = g[valid], w[valid]
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert got["0/memory"].any() and got["0/key"].any()  # the test compares something

@@ -631,17 +631,7 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         query, key, value = self._project(x)  # (b, n, h | hkv, S, d)
 
         # 1. Local attention, all segments at once.
-        if self.positional_embedder is not None:
-            # Default: 0..S-1 along the segment axis (-2), passed explicitly (any sequence_axis).
-            p = ops.arange(x.shape[2], dtype="int32") if pos is None else pos[:, :, None, :]
-            query_rot = self.positional_embedder(query, positions=p)
-            key_rot = self.positional_embedder(key, positions=p)
-        else:
-            query_rot, key_rot = query, key
-        attended = attention_ops.local_attention(
-            query_rot, self._repeat_heads(key_rot), self._repeat_heads(value), valid,
-            self.causal,
-        )
+        attended, _ = self._attend_locally(query, key, value, valid, pos)
 
         # 2-3. Memory states before each segment (float32) and retrieval.
         retrieved, memory_final, norm_final = self._memory(
@@ -651,6 +641,23 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         # 4. Gate per head (the caller concatenates heads and projects).
         mixed = self._mix(retrieved, attended, self.gate_values()[:, None, None])
         return mixed, memory_final, norm_final
+
+    def _attend_locally(self, query, key, value, valid, pos):
+        """Local attention of folded segments (`(b, n, h | hkv, S, d)` projections,
+        `valid` bool `(b, n, S)` or None, `pos` `(b, n, S)` or None: `0..S-1` along the
+        segment axis (-2), passed explicitly, any `sequence_axis`): `(attended, key_rot)`."""
+        if self.positional_embedder is not None:
+            p = ops.arange(query.shape[-2], dtype="int32") if pos is None else \
+                pos[:, :, None, :]
+            query_rot = self.positional_embedder(query, positions=p)
+            key_rot = self.positional_embedder(key, positions=p)
+        else:
+            query_rot, key_rot = query, key
+        attended = attention_ops.local_attention(
+            query_rot, self._repeat_heads(key_rot), self._repeat_heads(value), valid,
+            self.causal,
+        )
+        return attended, key_rot
 
     def decay_values(self, x):
         """`log alpha` `(b, n, h, S)` float32 (`<= 0`) of the folded input `x`
@@ -916,11 +923,24 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             ops.broadcast_to(ops.cast(fold_now, "bool"), ops.shape(write)),
             ops.cast(take, "bool"),
         )
-        decayed = memory if log_decay is None else \
+        new_cache = self._folded_cache(
+            memory, norm, memory_update, norm_update, keys, values, valid,
+            cache["length"] + ops.cast(take, "int32"), fold_now,
+            None if log_decay is None else memory_decay,
+        )
+        return outputs, new_cache
+
+    def _folded_cache(self, memory, norm, memory_update, norm_update, keys, values, valid,
+                      length, fold, memory_decay=None):
+        """The cache after a token or segment: rows with `fold` (bool `(b,)`) fold their
+        current segment's update into `(memory, norm)` (decayed by `memory_decay`
+        `(b, h)`, the segment's log decay so far, when given) and free its slots; the
+        others keep the update pending."""
+        decayed = memory if memory_decay is None else \
             ops.exp(memory_decay)[..., None, None] * memory
         folded_memory, folded_norm = memory_ops.fold(decayed, norm, memory_update,
                                                      norm_update)
-        f4, f3 = fold_now[:, None, None, None], fold_now[:, None, None]
+        f4, f3 = fold[:, None, None, None], fold[:, None, None]
         new_cache = {
             "memory": ops.where(f4, folded_memory, memory),
             "norm": ops.where(f3, folded_norm, norm),
@@ -930,14 +950,14 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             # Freed slots hold zeros: a stale non-finite value cannot reach a later query
             # through a zero probability (`cached_attention(freed_slots_finite=True)`).
             "value": ops.where(f4, ops.zeros_like(values), values),
-            "valid": ops.logical_and(valid, ops.logical_not(fold_now[:, None])),
-            "length": cache["length"] + ops.cast(take, "int32"),
+            "valid": ops.logical_and(valid, ops.logical_not(fold[:, None])),
+            "length": length,
         }
-        if log_decay is not None:
+        if memory_decay is not None:
             new_cache["memory_decay"] = ops.where(
-                fold_now[:, None], ops.zeros_like(memory_decay), memory_decay
+                fold[:, None], ops.zeros_like(memory_decay), memory_decay
             )
-        return outputs, new_cache
+        return new_cache
 
     def _prefill(self, x, valid, positions, stop, count, cache):
         """Several new tokens at a segment boundary, segment-parallel.
@@ -1003,6 +1023,50 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             for name, t in new_cache.items()
         }
         return segment_ops.unfold(outputs), new_cache
+
+    def _prefill_segment(self, x, valid, positions, count, fold, cache):
+        """One segment from a segment boundary (the cache's current segment is empty):
+        the step of the chunked prefill (`InfiniCausalLM` scans it over the prompt).
+
+        `x` `(b, S, D)` (compute dtype), `valid` bool `(b, S)`: the tokens that enter (a
+        prefix per row for a plain layer, the routed slots in a MoD block); `positions`
+        `(b, S)` or None (`0..S-1`); `count` `(b,)`: tokens each row consumes (a row with
+        0 keeps its cache); `fold` bool `(b,)`: the row consumed the whole segment, which
+        is folded into `(memory, norm)` (the slots freed), as `_decode_step` does at a
+        segment's last token; otherwise it becomes the cache's current segment. Equal to
+        `_prefill` on this segment, with one segment's program (no scan over segments).
+        Returns `(outputs (b, S, D), cache)`.
+        """
+        xf = ops.where(valid[:, None, :, None], x[:, None], ops.zeros_like(x[:, None]))
+        vf = valid[:, None]  # (b, 1, S)
+        query, key, value = self._project(xf)  # (b, 1, h | hkv, S, d)
+        pos = None if positions is None else ops.cast(positions, "int32")[:, None]
+        attended, key_rot = self._attend_locally(query, key, value, vf, pos)
+        memory, norm = cache["memory"], cache["norm"]
+        phi_q = memory_ops.feature_map(query, self.memory_feature_map)
+        retrieved = self._read_memory(phi_q, memory[:, None], norm[:, None])
+        mixed = self._mix(ops.cast(retrieved, self.compute_dtype), attended,
+                          self.gate_values()[:, None, None])
+        outputs = self.output_dense(mixed)[:, 0]  # (b, S, D)
+
+        read_k, write_k, value32, decay = self._memory_keys(xf, key, value, vf)
+        memory_update, norm_update = self._memory_update(
+            read_k, write_k, value32, memory, norm,
+            memory_write_k=None if decay is None else decay[1],
+        )
+        value_cur = ops.swapaxes(value[:, 0], 1, 2)  # (b, S, hkv, dv)
+        new_cache = self._folded_cache(
+            memory, norm, memory_update, norm_update, ops.swapaxes(key_rot[:, 0], 1, 2),
+            value_cur, valid, cache["length"] + ops.cast(count, "int32"),
+            ops.cast(fold, "bool"), None if decay is None else decay[0][:, 0],
+        )
+        takes = ops.cast(count, "int32") > 0
+        new_cache = {
+            name: ops.where(ops.reshape(takes, (-1,) + (1,) * (len(t.shape) - 1)), t,
+                            cache[name])
+            for name, t in new_cache.items()
+        }
+        return outputs, new_cache
 
     # ------------------------------------------------------------------ config
     def get_config(self):

@@ -300,6 +300,16 @@ class InfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             training=False,
         )
 
+    def _prefill_segment(self, x, valid, positions, count, fold, cache):
+        """`CompressiveMemory._prefill_segment` inside the block (one segment)."""
+        x = keras.ops.where(valid[..., None], x, keras.ops.zeros_like(x))
+        return self._residual(
+            x,
+            lambda t: self.attention._prefill_segment(t, valid, positions, count, fold,
+                                                      cache),
+            training=False,
+        )
+
     def call(self, inputs, mask=None, positions=None, initial_state=None, training=None,
              return_state=None, cache=None, cache_update_index=None):
         if cache is not None:  # decoding: the attention's cache, see CompressiveMemory

@@ -402,6 +402,36 @@ class MoDInfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixi
         routed = ops.where(count > 0, routed_now, cache["routed"])
         return outputs, {"attention": attention, "routed": routed}
 
+    def _prefill_segment(self, x, consumed, cache):
+        """One segment from a segment boundary (the chunked prefill's step): `x`
+        `(b, S, D)`, `consumed` bool `(b, S)` (a prefix per row). The inference routing of
+        `call` on the segment, the inner block's `_prefill_segment` on the routed slots;
+        a row that consumes the whole segment folds it. Returns `(outputs, cache)`."""
+        seg, k = self.segment_len, self.capacity
+        x = ops.cast(x, self.compute_dtype)
+        x = ops.where(consumed[..., None], x, ops.zeros_like(x))
+        count = ops.sum(ops.cast(consumed, "int32"), axis=1)
+        fold = count == seg
+        logits = self.router(x)  # (b, S, 1)
+        valid = ops.cast(consumed, "float32")[:, None]  # (b, 1, S)
+        xf, r = x[:, None], logits[..., 0][:, None]
+        indices, slot_valid = routing.causal_selection(r, valid, k)  # (b, 1, k)
+        selected = routing.selection_mask(indices, slot_valid, seg)
+        x_sel = routing.gather_slots(xf, indices)  # (b, 1, k, D)
+        r_sel = routing.gather_slots(r, indices)
+        y_sel, attention = self.block._prefill_segment(
+            x_sel[:, 0], slot_valid[:, 0] > 0, indices[:, 0], count, fold, cache["attention"]
+        )
+        used = (slot_valid > 0)[..., None]
+        update = ops.where(used, ops.sigmoid(r_sel)[..., None] * (y_sel[:, None] - x_sel),
+                           0.0)
+        outputs = (xf + routing.scatter_slots(update, indices, selected))[:, 0]
+        routed_now = ops.sum(ops.cast(slot_valid[:, 0] > 0, "int32"), axis=-1)
+        routed = ops.where(fold, ops.zeros_like(routed_now), routed_now)
+        routed = ops.where(count > 0, routed, cache["routed"])
+        outputs = ops.where(consumed[..., None], outputs, x)
+        return outputs, {"attention": attention, "routed": routed}
+
     def _track_router_loss(self, loss):
         """Updates `router_loss_tracker` unless its state is out of reach: inside JAX's
         stateless `fit` step, Keras maps only model variables while `call` runs."""

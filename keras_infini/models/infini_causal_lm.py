@@ -11,6 +11,7 @@ from keras_infini.models.infini_backbone import MODEL_KWARGS
 from keras_infini.models.infini_backbone import InfiniBackbone
 from keras_infini.models.infini_backbone import refuse_unknown_kwargs
 from keras_infini.models.infini_causal_lm_preprocessor import InfiniCausalLMPreprocessor
+from keras_infini.layers.mod_infini_transformer import MoDInfiniTransformer
 from keras_infini.ops import backend as fast_paths
 from keras_infini import validation
 
@@ -58,9 +59,9 @@ class InfiniCausalLM(CausalLM):
     on-disk cache holds it). `compile(jit_compile=False)` keeps every step eager.
 
     Generation uses each block's decode cache (`build_cache`): the prompt is prefilled
-    segment-parallel with its padding mask, so every row keeps exactly its own tokens, and
-    each new token costs `O(segment_len)` whatever the prompt length (finished segments
-    live only in the `(memory, norm)` state). Logits equal those of one full call on the
+    one segment at a time (each segment in parallel) with its padding mask, so every
+    row keeps exactly its own tokens, and each new token costs `O(segment_len)` whatever
+    the prompt length (finished segments live only in the `(memory, norm)` state). Logits equal those of one full call on the
     whole sequence (tests/test_models.py).
 
     Args:
@@ -73,11 +74,12 @@ class InfiniCausalLM(CausalLM):
 
     def compile(self, *args, jit_compile="auto", prefill="segments", **kwargs):
         """keras-hub's `compile`, plus `prefill`: how `generate` takes the prompt.
-        `"segments"` (default): one segment-parallel prefill, fastest for long prompts;
-        `"steps"`: through the decode loop, one position per step, so nothing but the
-        step is compiled (example size, 2-core CPU: compile JAX 6.5 s -> 2.1 s, TF
-        11.9 s -> 3.6 s; a 1,024-token prompt 0.02 s -> 0.22 s on JAX, 0.02 s -> 0.46 s
-        on TF; README, "Generation: the decode cache and `InfiniCausalLM`")."""
+        `"segments"` (default): the prompt one segment at a time, each segment parallel
+        (`_chunked_prefill`), fastest for long prompts; `"steps"`: through the decode
+        loop, one position per step, so nothing but the step is compiled (example size,
+        one core: compile JAX 7.7 s -> 3.7 s, TF 10.8 s -> 5.0 s; the prompt costs
+        ~0.2-0.45 ms a token instead of ~0.02 ms; docs/guides/generation.md,
+        "Compile time")."""
         if prefill not in ("segments", "steps"):
             raise ValueError(
                 f"Invalid prefill={prefill!r}: expected 'segments' or 'steps'."
@@ -254,16 +256,61 @@ class InfiniCausalLM(CausalLM):
         return ops.squeeze(logits, axis=1), ops.squeeze(hidden_states, axis=1), cache
 
     def _build_cache(self, token_ids, padding_mask):
-        """An empty cache, prefilled (segment-parallel) with every row's prompt but its
+        """An empty cache, prefilled (`_chunked_prefill`) with every row's prompt but its
         last token, which the first generation step runs to get the next logits."""
         batch_size = token_ids.shape[0]
         row_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=-1)
         positions = ops.arange(ops.shape(token_ids)[1], dtype="int32")[None, :]
         prefill_mask = positions < (row_lengths - 1)[:, None]
-        hidden_states, cache = self._blocks_with_cache(
-            token_ids, self.build_cache(batch_size), 0, prefill_mask
-        )
-        return hidden_states, cache
+        return self._chunked_prefill(token_ids, prefill_mask, self.build_cache(batch_size))
+
+    def _chunked_prefill(self, token_ids, padding_mask, cache):
+        """`(hidden_states, cache)` after the tokens `padding_mask` selects (a prefix per
+        row) of `token_ids` `(b, T)` enter an empty `cache`, one segment at a time: a
+        `scan` over the `ceil(T / segment_len)` segments whose step runs every block's
+        `_prefill_segment` (a segment from a boundary). The compiled program holds one
+        segment's step, not the whole-sequence call (the segment-parallel prefill of
+        `call_with_cache`), with the same values; the memory is sequential over
+        segments anyway."""
+        layers = self.backbone.transformer_layers
+        seg = layers[0].segment_len
+        batch, length = int(token_ids.shape[0]), int(token_ids.shape[1])
+        n = -(-length // seg)
+        pad = n * seg - length
+        ids, mask = token_ids, ops.cast(padding_mask, "bool")
+        if pad:
+            ids = ops.pad(ids, [[0, 0], [0, pad]])
+            mask = ops.pad(mask, [[0, 0], [0, pad]], constant_values=False)
+        ids = ops.reshape(ids, (batch, n, seg))
+        mask = ops.reshape(mask, (batch, n, seg))
+        dim = self.backbone.hidden_dim
+
+        # A loop whose carry holds the outputs (`fori_loop`), not a scan with outputs:
+        # the TensorFlow scan traces its first step outside the loop (to learn the
+        # outputs' structure), which would compile the step twice.
+        def step(i, carry):
+            cache, hidden = carry
+            chunk_ids = ops.squeeze(ops.slice(ids, [0, i, 0], [batch, 1, seg]), 1)
+            consumed = ops.squeeze(ops.slice(mask, [0, i, 0], [batch, 1, seg]), 1)
+            x = self.backbone.embed_tokens(chunk_ids)
+            count = ops.sum(ops.cast(consumed, "int32"), axis=1)
+            updated = []
+            for layer, layer_cache in zip(layers, cache):
+                if isinstance(layer, MoDInfiniTransformer):
+                    x, layer_cache = layer._prefill_segment(x, consumed, layer_cache)
+                else:
+                    x, layer_cache = layer._prefill_segment(
+                        ops.cast(x, layer.compute_dtype), consumed, None, count,
+                        count == seg, layer_cache,
+                    )
+                updated.append(layer_cache)
+            x = ops.cast(self.backbone.layer_norm(x), hidden.dtype)
+            return updated, ops.slice_update(hidden, [0, i, 0, 0], x[:, None])
+
+        hidden = ops.zeros((batch, n, seg, dim), self.compute_dtype)
+        cache, hidden = ops.fori_loop(0, n, step, (cache, hidden))
+        hidden = ops.reshape(hidden, (batch, n * seg, dim))
+        return (hidden[:, :length] if pad else hidden), cache
 
     def _prefill_in_loop(self, token_ids):
         return getattr(self, "_generate_prefill", "segments") == "steps"
