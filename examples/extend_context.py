@@ -329,9 +329,11 @@ def stage_convert(args, out):
         print(f"convert: {path} exists, skipped")
         return
     source = load_preset(os.path.join(out, "source"))
-    converted = InfiniCausalLM.from_causal_lm(source, segment_len=args.context)
+    options = {"gate_init": args.gate_init} if args.gate_init else {}
+    converted = InfiniCausalLM.from_causal_lm(source, segment_len=args.context, **options)
     save_preset(converted, path)
-    print(f"convert: segment_len={args.context} -> {path}")
+    print(f"convert: segment_len={args.context}"
+          + (f", gates opened to tanh({args.gate_init})" if options else "") + f" -> {path}")
 
 
 def run_name(args):
@@ -636,6 +638,11 @@ def parse_args(argv):
                    help="share of pretraining windows (of --context tokens) holding a "
                         "passkey (weighted as in fine-tuning): the source learns to "
                         "retrieve inside its own context")
+    p.add_argument("--gate-init", type=float, default=0.0,
+                   help="convert with every gate at tanh(GATE_INIT) instead of exactly 0 "
+                        "(the memory's keys then get gradients from the first step; the "
+                        "converted model no longer equals the source; not with "
+                        "--variant local)")
     p.add_argument("--variant", choices=VARIANTS, default="memory")
     p.add_argument("--train", choices=("new", "all"), default="new",
                    help="fine-tune only the new memory parameters, or every weight")
@@ -680,6 +687,9 @@ def parse_args(argv):
                 setattr(args, key, value)
     if args.context * min(args.eval_mults + [args.ft_mult]) < passkey_overhead() + 8:
         p.error(f"--context too short for the passkey ({passkey_overhead()} tokens)")
+    if args.gate_init and args.variant == "local":
+        p.error(f"--gate-init {args.gate_init} with --variant local: local-only keeps "
+                "every gate at exactly 0")
     if not 0.0 <= args.pretrain_passkey_fraction <= 1.0:
         p.error(f"--pretrain-passkey-fraction must lie in [0, 1], got "
                 f"{args.pretrain_passkey_fraction}")

@@ -132,3 +132,20 @@ def test_pretraining_continues_from_a_saved_source(script, tmp_path):
         np.testing.assert_allclose(to_numpy(w1), to_numpy(w0), atol=1e-6)
     assert max(np.abs(to_numpy(w2) - to_numpy(w0)).max()
                for w0, w2 in zip(first.backbone.weights, moved.backbone.weights)) > 1e-4
+
+
+def test_gate_init_opens_the_converted_gates(script, tmp_path):
+    """`--gate-init G` converts with every gate at `tanh(G)` (the memory's parameters get
+    gradients from the first step); refused with `--variant local`, whose gates must stay
+    at exactly 0."""
+    from keras_infini.models import InfiniCausalLM
+
+    run(script, tmp_path, "--stages", "pretrain", "convert", "--gate-init", "0.3")
+    lm = InfiniCausalLM.from_preset(str(tmp_path / "converted"))
+    for block in lm.backbone.transformer_layers:
+        np.testing.assert_allclose(to_numpy(block.attention.gate_values()), np.tanh(0.3),
+                                   rtol=1e-5)
+    with pytest.raises(SystemExit):
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            run(script, tmp_path / "bad", "--gate-init", "0.3", "--variant", "local")
+    assert "--gate-init" in err.getvalue()
