@@ -47,6 +47,17 @@ def _fold_now(position, segment_len):
     return position == segment_len - 1
 
 
+def _rows_taking(count, new_cache, cache):
+    """`new_cache` for the rows that take tokens (`count > 0`); a row that takes none keeps
+    its `cache` (it may hold a partial segment)."""
+    takes = ops.cast(count, "int32") > 0
+    return {
+        name: ops.where(ops.reshape(takes, (-1,) + (1,) * (len(t.shape) - 1)), t,
+                        cache[name])
+        for name, t in new_cache.items()
+    }
+
+
 def resolve_positional_embedder(positional_embedder, dim_key, segment_len):
     """Turns the `positional_embedder` argument into an embedder layer or None."""
     if positional_embedder is None:
@@ -1015,28 +1026,26 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         }
         if decay is not None:
             new_cache["memory_decay"] = decay[0][:, 0]
-        # A row that takes no token here keeps its cache (it may hold a partial segment).
-        takes = ops.cast(count, "int32") > 0
-        new_cache = {
-            name: ops.where(ops.reshape(takes, (-1,) + (1,) * (len(t.shape) - 1)), t,
-                            cache[name])
-            for name, t in new_cache.items()
-        }
-        return segment_ops.unfold(outputs), new_cache
+        return segment_ops.unfold(outputs), _rows_taking(count, new_cache, cache)
 
-    def _prefill_segment(self, x, valid, positions, count, fold, cache):
+    def _prefill_segment(self, x, valid, cache, positions=None, count=None, fold=None):
         """One segment from a segment boundary (the cache's current segment is empty):
-        the step of the chunked prefill (`InfiniCausalLM` scans it over the prompt).
+        the step of the chunked prefill (`InfiniCausalLM` loops it over the prompt).
 
         `x` `(b, S, D)` (compute dtype), `valid` bool `(b, S)`: the tokens that enter (a
         prefix per row for a plain layer, the routed slots in a MoD block); `positions`
         `(b, S)` or None (`0..S-1`); `count` `(b,)`: tokens each row consumes (a row with
-        0 keeps its cache); `fold` bool `(b,)`: the row consumed the whole segment, which
-        is folded into `(memory, norm)` (the slots freed), as `_decode_step` does at a
-        segment's last token; otherwise it becomes the cache's current segment. Equal to
+        0 keeps its cache; default: the valid tokens); `fold` bool `(b,)`: the row
+        consumed the whole segment, which is folded into `(memory, norm)` (the slots
+        freed), as `_decode_step` does at a segment's last token; otherwise it becomes the
+        cache's current segment (default: `count == segment_len`). Equal to
         `_prefill` on this segment, with one segment's program (no scan over segments).
         Returns `(outputs (b, S, D), cache)`.
         """
+        if count is None:
+            count = ops.sum(ops.cast(valid, "int32"), axis=1)
+        if fold is None:
+            fold = count == self.segment_len
         xf = ops.where(valid[:, None, :, None], x[:, None], ops.zeros_like(x[:, None]))
         vf = valid[:, None]  # (b, 1, S)
         query, key, value = self._project(xf)  # (b, 1, h | hkv, S, d)
@@ -1060,13 +1069,7 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             value_cur, valid, cache["length"] + ops.cast(count, "int32"),
             ops.cast(fold, "bool"), None if decay is None else decay[0][:, 0],
         )
-        takes = ops.cast(count, "int32") > 0
-        new_cache = {
-            name: ops.where(ops.reshape(takes, (-1,) + (1,) * (len(t.shape) - 1)), t,
-                            cache[name])
-            for name, t in new_cache.items()
-        }
-        return outputs, new_cache
+        return outputs, _rows_taking(count, new_cache, cache)
 
     # ------------------------------------------------------------------ config
     def get_config(self):

@@ -300,13 +300,14 @@ class InfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
             training=False,
         )
 
-    def _prefill_segment(self, x, valid, positions, count, fold, cache):
+    def _prefill_segment(self, x, valid, cache, positions=None, count=None, fold=None):
         """`CompressiveMemory._prefill_segment` inside the block (one segment)."""
+        x = keras.ops.cast(x, self.compute_dtype)
         x = keras.ops.where(valid[..., None], x, keras.ops.zeros_like(x))
         return self._residual(
             x,
-            lambda t: self.attention._prefill_segment(t, valid, positions, count, fold,
-                                                      cache),
+            lambda t: self.attention._prefill_segment(t, valid, cache, positions, count,
+                                                      fold),
             training=False,
         )
 

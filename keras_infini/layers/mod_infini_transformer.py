@@ -420,7 +420,8 @@ class MoDInfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixi
         x_sel = routing.gather_slots(xf, indices)  # (b, 1, k, D)
         r_sel = routing.gather_slots(r, indices)
         y_sel, attention = self.block._prefill_segment(
-            x_sel[:, 0], slot_valid[:, 0] > 0, indices[:, 0], count, fold, cache["attention"]
+            x_sel[:, 0], slot_valid[:, 0] > 0, cache["attention"], positions=indices[:, 0],
+            count=count, fold=fold,
         )
         used = (slot_valid > 0)[..., None]
         update = ops.where(used, ops.sigmoid(r_sel)[..., None] * (y_sel[:, None] - x_sel),

@@ -11,7 +11,6 @@ from keras_infini.models.infini_backbone import MODEL_KWARGS
 from keras_infini.models.infini_backbone import InfiniBackbone
 from keras_infini.models.infini_backbone import refuse_unknown_kwargs
 from keras_infini.models.infini_causal_lm_preprocessor import InfiniCausalLMPreprocessor
-from keras_infini.layers.mod_infini_transformer import MoDInfiniTransformer
 from keras_infini.ops import backend as fast_paths
 from keras_infini import validation
 
@@ -61,8 +60,8 @@ class InfiniCausalLM(CausalLM):
     Generation uses each block's decode cache (`build_cache`): the prompt is prefilled
     one segment at a time (each segment in parallel) with its padding mask, so every
     row keeps exactly its own tokens, and each new token costs `O(segment_len)` whatever
-    the prompt length (finished segments live only in the `(memory, norm)` state). Logits equal those of one full call on the
-    whole sequence (tests/test_models.py).
+    the prompt length (finished segments live only in the `(memory, norm)` state).
+    Logits equal those of one full call on the whole sequence (tests/test_models.py).
 
     Args:
         backbone: an `InfiniBackbone` (causal).
@@ -267,7 +266,7 @@ class InfiniCausalLM(CausalLM):
     def _chunked_prefill(self, token_ids, padding_mask, cache):
         """`(hidden_states, cache)` after the tokens `padding_mask` selects (a prefix per
         row) of `token_ids` `(b, T)` enter an empty `cache`, one segment at a time: a
-        `scan` over the `ceil(T / segment_len)` segments whose step runs every block's
+        loop over the `ceil(T / segment_len)` segments whose step runs every block's
         `_prefill_segment` (a segment from a boundary). The compiled program holds one
         segment's step, not the whole-sequence call (the segment-parallel prefill of
         `call_with_cache`), with the same values; the memory is sequential over
@@ -293,16 +292,9 @@ class InfiniCausalLM(CausalLM):
             chunk_ids = ops.squeeze(ops.slice(ids, [0, i, 0], [batch, 1, seg]), 1)
             consumed = ops.squeeze(ops.slice(mask, [0, i, 0], [batch, 1, seg]), 1)
             x = self.backbone.embed_tokens(chunk_ids)
-            count = ops.sum(ops.cast(consumed, "int32"), axis=1)
             updated = []
             for layer, layer_cache in zip(layers, cache):
-                if isinstance(layer, MoDInfiniTransformer):
-                    x, layer_cache = layer._prefill_segment(x, consumed, layer_cache)
-                else:
-                    x, layer_cache = layer._prefill_segment(
-                        ops.cast(x, layer.compute_dtype), consumed, None, count,
-                        count == seg, layer_cache,
-                    )
+                x, layer_cache = layer._prefill_segment(x, consumed, layer_cache)
                 updated.append(layer_cache)
             x = ops.cast(self.backbone.layer_norm(x), hidden.dtype)
             return updated, ops.slice_update(hidden, [0, i, 0, 0], x[:, None])
