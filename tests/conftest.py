@@ -53,3 +53,20 @@ def gradients(loss_fn, variables):
     else:  # pragma: no cover
         raise NotImplementedError(BACKEND)
     return [None if g is None else to_numpy(g) for g in grads]
+
+
+@pytest.fixture
+def rope_digit_levels(monkeypatch):
+    """The list of digit levels each rotary angle lookup used (`RoPEEmbeddings._cos_sin`,
+    YaRN included), in call order, for the test's duration."""
+    from keras_infini import RoPEEmbeddings
+
+    levels = []
+    original = RoPEEmbeddings._cos_sin
+
+    def recording(self, positions, num_levels=4):
+        levels.append(num_levels)
+        return original(self, positions, num_levels)
+
+    monkeypatch.setattr(RoPEEmbeddings, "_cos_sin", recording)
+    return levels

@@ -72,3 +72,38 @@ def test_group_tokens_option(bench, text, want):
 def test_group_tokens_option_rejects_bad_values(bench, text):
     with pytest.raises(argparse.ArgumentTypeError, match="--group-tokens"):
         bench.group_tokens_arg(text)
+
+
+def _profile_ops(*args):
+    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
+    return subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, "profile_ops.py"), *args],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+
+
+def test_profile_ops_reports_kernels_and_dots():
+    """benchmarks/profile_ops.py (the tables of docs/benchmarks/attention.md on JAX against
+    TensorFlow-XLA): a kernel profile of a tiny train step and the dots report, or a clear
+    refusal on PyTorch (no XLA)."""
+    kernels = _profile_ops("--report", "kernels", "--length", "512", "--steps", "1",
+                           "--top", "5")
+    dots = _profile_ops("--report", "dots", "--length", "512")
+    if keras.backend.backend() == "torch":
+        assert kernels.returncode != 0 and "needs KERAS_BACKEND=jax or tensorflow" in (
+            kernels.stderr)
+        assert dots.returncode != 0 and "needs KERAS_BACKEND=jax or tensorflow" in dots.stderr
+        return
+    assert kernels.returncode == 0, kernels.stderr[-2000:]
+    rows = [line for line in kernels.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith(("| kernel", "| ---"))]
+    assert 1 <= len(rows) <= 5, kernels.stdout
+    for row in rows:  # XLA kernels (fusions, dots, copies), not host frames
+        name, ms = [cell.strip() for cell in row.strip("|").split("|")]
+        assert " " not in name and "::" not in name and float(ms) >= 0.0
+    assert dots.returncode == 0, dots.stderr[-2000:]
+    products = {line.split("|")[1].strip(): line.split("|")[3].strip()
+                for line in dots.stdout.splitlines() if line.startswith("| ")
+                and not line.startswith(("| product", "| ---"))}
+    assert set(products) == {"scores q k^T", "probs v", "projection"}
+    assert set(products.values()) <= {"ynn", "eigen"}

@@ -193,6 +193,29 @@ def test_chunks_of_any_length_continue_the_cache():
     np.testing.assert_allclose(np.concatenate(outputs, axis=1), full, atol=ATOL)
 
 
+@pytest.mark.parametrize("kind", ["cm", "mod"])
+def test_positions_built_by_the_layer_use_one_digit_level(kind, rope_digit_levels):
+    """In-segment positions the layer builds itself (full call, prefill, decode step) lie in
+    `[0, segment_len)`: with segment_len <= 256, RoPE looks up one base-256 digit level
+    (`max_position`), a smaller decode program; positions passed by the user keep all 4.
+    The MoD block's inner attention gets its routed tokens' in-segment positions."""
+    levels = rope_digit_levels
+    layer = make(kind, "delta", "rope")
+    x = np.random.default_rng(4).normal(size=(2, 2 * S + 2, DIM)).astype("float32")
+    full = numpy(layer(x))
+    cache = layer.build_cache(2)
+    y1, cache = layer(x[:, :S + 1], cache=cache, cache_update_index=0)  # prefill
+    y2, cache = layer(x[:, S + 1:S + 2], cache=cache, cache_update_index=S + 1)  # a step
+    np.testing.assert_allclose(numpy(y1), full[:, :S + 1], atol=ATOL)
+    np.testing.assert_allclose(numpy(y2), full[:, S + 1:S + 2], atol=ATOL)
+    assert levels and set(levels) == {1}, levels
+    if kind == "cm":  # the MoD block takes no positions: it builds them all
+        levels.clear()
+        positions = np.tile(np.arange(2 * S + 2) % S, (2, 1)).astype("int32")
+        layer(x, positions=positions)
+        assert levels and set(levels) == {4}, levels
+
+
 def test_cache_has_fixed_shapes_and_float32_state_under_mixed_precision():
     policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_bfloat16")

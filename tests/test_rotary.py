@@ -93,6 +93,35 @@ def test_rope_positions_beyond_seq_len_and_negative(dtype):
     np.testing.assert_allclose(out, ref_rotate(x, positions, ref_theta(6, 1.0)), atol=2e-6)
 
 
+@pytest.mark.parametrize("max_position, high", [(1, 1), (200, 200), (256, 256), (257, 257),
+                                                (65536, 65536), (70000, 70000)])
+@pytest.mark.parametrize("cls", [RoPEEmbeddings, YaRNEmbeddings])
+def test_max_position_same_values_with_fewer_digits(cls, max_position, high,
+                                                   rope_digit_levels):
+    """Positions in `[0, max_position)` (the edges included) rotate exactly as without the
+    hint, with only the digit levels they need looked up."""
+    kwargs = dict(context_len=64, context_len_ext=256) if cls is YaRNEmbeddings else {}
+    layer = cls(6, dim_embeddings_pct=1.0, **kwargs)
+    rng = np.random.default_rng(2)
+    positions = np.concatenate([[0, high - 1], rng.integers(0, high, 30)]).astype("int32")
+    x = randn(len(positions), 6)
+    hinted = to_numpy(layer(x, positions=positions, max_position=max_position))
+    full = to_numpy(layer(x, positions=positions))
+    np.testing.assert_allclose(hinted, full, atol=1e-6)
+    want = 1 if max_position <= 256 else 2 if max_position <= 65536 else 3
+    assert rope_digit_levels == [want, 4]
+    if cls is RoPEEmbeddings:
+        np.testing.assert_allclose(hinted, ref_rotate(x, positions, ref_theta(6, 1.0)),
+                                   atol=2e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "256", np.float32(8.0)])
+def test_max_position_must_be_a_positive_int(bad):
+    layer = RoPEEmbeddings(6)
+    with pytest.raises(ValueError, match=r"Invalid max_position=.*positive Python int"):
+        layer(randn(4, 6), positions=np.arange(4), max_position=bad)
+
+
 def test_rope_float_positions():
     layer = RoPEEmbeddings(6, seq_len=4, dim_embeddings_pct=1.0)
     positions = np.array([0.0, 0.5, 3.25, 1000.75, 65535.5, -2.5], dtype="float32")

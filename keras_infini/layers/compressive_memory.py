@@ -330,6 +330,10 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         self.positional_embedder = resolve_positional_embedder(
             positional_embedder, self.dim_key, self.segment_len
         )
+        # A static bound of explicit positions when an owning layer builds them (the MoD
+        # block passes its tokens' in-segment positions, below its own segment length);
+        # None: explicit positions come from the user and may be anything.
+        self._explicit_positions_below = None
         self.supports_masking = True
 
     # ------------------------------------------------------------------ build
@@ -653,6 +657,17 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         mixed = self._mix(retrieved, attended, self.gate_values()[:, None, None])
         return mixed, memory_final, norm_final
 
+    def _rotate(self, t, positions, in_segment):
+        """`t` rotated by the positional embedder at explicit `positions`. `in_segment`:
+        the layer built the positions itself, in `[0, segment_len)`; a `RoPEEmbeddings`
+        then looks up only the digits such positions have (`max_position`), which keeps
+        the decode step's compiled program small. Explicit positions get the full lookup
+        unless an owning layer set `_explicit_positions_below`."""
+        bound = self.segment_len if in_segment else self._explicit_positions_below
+        if bound is not None and isinstance(self.positional_embedder, RoPEEmbeddings):
+            return self.positional_embedder(t, positions=positions, max_position=bound)
+        return self.positional_embedder(t, positions=positions)
+
     def _attend_locally(self, query, key, value, valid, pos):
         """Local attention of folded segments (`(b, n, h | hkv, S, d)` projections,
         `valid` bool `(b, n, S)` or None, `pos` `(b, n, S)` or None: `0..S-1` along the
@@ -660,8 +675,8 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         if self.positional_embedder is not None:
             p = ops.arange(query.shape[-2], dtype="int32") if pos is None else \
                 pos[:, :, None, :]
-            query_rot = self.positional_embedder(query, positions=p)
-            key_rot = self.positional_embedder(key, positions=p)
+            query_rot = self._rotate(query, p, in_segment=pos is None)
+            key_rot = self._rotate(key, p, in_segment=pos is None)
         else:
             query_rot, key_rot = query, key
         attended = attention_ops.local_attention(
@@ -881,8 +896,8 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         query, key, value = self._project(xs)  # (b, 1, h | hkv, 1, d)
         if self.positional_embedder is not None:
             p = ops.reshape(ops.cast(position, "int32"), (-1, 1, 1, 1))
-            query_rot = self.positional_embedder(query, positions=p)
-            key_rot = self.positional_embedder(key, positions=p)
+            query_rot = self._rotate(query, p, in_segment=True)
+            key_rot = self._rotate(key, p, in_segment=True)
         else:
             query_rot, key_rot = query, key
 
@@ -1005,7 +1020,7 @@ class CompressiveMemory(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixin,
         key_rot = key
         if self.positional_embedder is not None:
             p = ops.arange(seg, dtype="int32") if pos_cur is None else pos_cur[:, :, None, :]
-            key_rot = self.positional_embedder(key, positions=p)
+            key_rot = self._rotate(key, p, in_segment=pos_cur is None)
         read_k, write_k, value32, decay = self._memory_keys(x_in, key, value, valid_cur)
         memory_update, norm_update = self._memory_update(
             read_k, write_k, value32, memory, norm,

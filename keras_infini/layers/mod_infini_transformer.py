@@ -192,6 +192,8 @@ class MoDInfiniTransformer(CachedCallMixin, StatefulOutputsMixin, WeightArgsMixi
             positional_embedder=embedder, return_state=True, dtype=self.dtype_policy,
             name="block", **block_options, **self.weight_kwargs(),
         )
+        # The block only ever gets the in-segment positions of the routed tokens.
+        self.block.attention._explicit_positions_below = self.segment_len
         self.router = keras.layers.Dense(
             1, dtype=self.dtype_policy, name="router", **self.weight_kwargs()
         )

@@ -35,6 +35,23 @@ _DIGIT_BASE = 256
 _NUM_DIGITS = 4  # three unsigned base-256 digits and a signed top digit: every int32
 
 
+def _levels_for(max_position):
+    """Digit levels of positions in `[0, max_position)` (all of them for None), after
+    checking the argument."""
+    if max_position is None:
+        return _NUM_DIGITS
+    if (isinstance(max_position, bool) or not isinstance(max_position, numbers.Integral)
+            or max_position < 1):
+        raise ValueError(
+            f"Invalid max_position={max_position!r}: expected None or a positive Python int "
+            "(a static bound of the positions)."
+        )
+    levels = 1
+    while _DIGIT_BASE**levels < max_position and levels < _NUM_DIGITS:
+        levels += 1
+    return levels
+
+
 @keras.saving.register_keras_serializable(package="keras_infini")
 class RoPEEmbeddings(keras.layers.Layer):
     """Rotary position embeddings with interleaved pairs (RoFormer eq. 34).
@@ -83,6 +100,14 @@ class RoPEEmbeddings(keras.layers.Layer):
             `start_index + (0..seq-1)` along `sequence_axis`.
         start_index: int or scalar tensor (integer or float), default 0, added to the
             positions (keras-hub's argument, for decoding with a cache).
+        max_position: optional positive int, a promise of the caller that every explicit
+            position (after `start_index`) lies in `[0, max_position)`. The angle lookup
+            then uses only the base-256 digits such positions have (one for
+            `max_position <= 256`): a smaller compiled program, same values. A position
+            outside the range is rotated by a wrong angle, so only pass it for positions
+            built by the caller (e.g. in-segment positions of a layer with a known segment
+            length). Ignored without `positions` (default positions already use the digits
+            they need).
 
     Attributes:
         d_rot: the number of rotated channels.
@@ -260,7 +285,8 @@ class RoPEEmbeddings(keras.layers.Layer):
         shape[seq_axis] = -1
         return ops.reshape(p, shape), levels
 
-    def call(self, inputs, positions=None, start_index=0):
+    def call(self, inputs, positions=None, start_index=0, max_position=None):
+        levels = _levels_for(max_position)
         inputs = ops.convert_to_tensor(inputs)
         feature, sequence = self._axes(inputs.shape, positions is None)
         rank = len(inputs.shape)
@@ -275,7 +301,7 @@ class RoPEEmbeddings(keras.layers.Layer):
             p = ops.convert_to_tensor(positions)
             if not (isinstance(start_index, numbers.Integral) and start_index == 0):
                 p = ops.add(p, start_index)
-            cos, sin = self._cos_sin(p)
+            cos, sin = self._cos_sin(p, levels)
 
         # Per channel: out = x * C + swap_pairs(x) * S, with C = (cos_0, cos_0, cos_1, ...),
         # S = (-sin_0, sin_0, -sin_1, ...), and C = 1, S = 0 on the pass-through channels.
@@ -298,8 +324,9 @@ class RoPEEmbeddings(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
 
-    def compute_output_spec(self, inputs, positions=None, start_index=0):
+    def compute_output_spec(self, inputs, positions=None, start_index=0, max_position=None):
         # The output keeps the input dtype (no autocast), not the policy's compute dtype.
+        _levels_for(max_position)
         self._axes(inputs.shape, positions is None)
         return keras.KerasTensor(inputs.shape, dtype=inputs.dtype)
 
@@ -345,7 +372,8 @@ class YaRNEmbeddings(RoPEEmbeddings):
         sequence_axis, feature_axis: as in `RoPEEmbeddings` (defaults 1 and -1).
         **kwargs: standard `keras.layers.Layer` arguments.
 
-    Call arguments: as in `RoPEEmbeddings` (`inputs`, `positions`, `start_index`).
+    Call arguments: as in `RoPEEmbeddings` (`inputs`, `positions`, `start_index`,
+    `max_position`).
 
     Attributes (besides those of `RoPEEmbeddings`):
         inv_freq: float64 NumPy `(d_rot / 2,)`, the interpolated frequencies `theta'_i`.
