@@ -31,6 +31,7 @@ starts.
 
 import argparse
 import collections
+import contextlib
 import glob
 import os
 import sys
@@ -80,20 +81,16 @@ def kernel_report(args):
     if backend == "jax":
         import jax
 
-        with jax.profiler.trace(folder):
-            for _ in range(args.steps):
-                start = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - start)
+        profiling = jax.profiler.trace(folder)
     else:
         import tensorflow as tf
 
-        tf.profiler.experimental.start(folder)
+        profiling = _tf_trace(tf, folder)
+    with profiling:
         for _ in range(args.steps):
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-        tf.profiler.experimental.stop()
     from jax.profiler import ProfileData  # reads the XSpace of either backend
 
     path = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)[0]
@@ -163,6 +160,15 @@ def dots_report(args):
             flops = 2 * np.prod(a.shape) * b.shape[-1]
         shape = f"{tuple(a.shape)} x {tuple(b.shape)}"
         print(f"| {name} | {shape} | {library} | {best * 1e3:.2f} | {flops / best / 1e9:.0f} |")
+
+
+@contextlib.contextmanager
+def _tf_trace(tf, folder):
+    tf.profiler.experimental.start(folder)
+    try:
+        yield
+    finally:
+        tf.profiler.experimental.stop()
 
 
 def _einsum_of(einsum, equation):

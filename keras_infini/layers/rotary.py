@@ -46,8 +46,13 @@ def _levels_for(max_position):
             f"Invalid max_position={max_position!r}: expected None or a positive Python int "
             "(a static bound of the positions)."
         )
+    return _digits_below(max_position)
+
+
+def _digits_below(bound):
+    """Base-256 digit levels that non-negative positions below `bound` use (at least one)."""
     levels = 1
-    while _DIGIT_BASE**levels < max_position and levels < _NUM_DIGITS:
+    while _DIGIT_BASE**levels < bound and levels < _NUM_DIGITS:
         levels += 1
     return levels
 
@@ -270,9 +275,7 @@ class RoPEEmbeddings(keras.layers.Layer):
             if start:
                 p = p + start
             if seq is not None and start >= 0:
-                levels = 1
-                while _DIGIT_BASE**levels < start + seq and levels < _NUM_DIGITS:
-                    levels += 1
+                levels = _digits_below(start + seq)
         else:
             start = ops.convert_to_tensor(start_index)
             length = ops.shape(x)[seq_axis] if seq is None else int(seq)
