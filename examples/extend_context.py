@@ -11,12 +11,13 @@ skipped):
 2. `convert`: `InfiniCausalLM.from_causal_lm(source, segment_len=--context)`, the memory
    closed (`tanh` gate at 0: the converted model equals the source on one segment).
    Saved to `<out>/converted`.
-3. `finetune`: long windows (`--ft-mult` x the context, 16 by default) of held-in text, a
+3. `finetune`: long windows (`--ft-mult` x the context, 16 by default; several values make
+   a length curriculum) of held-in text, a
    `--passkey-fraction` of them with a passkey stated at a random depth and asked for at
    the end (loss on every text byte, plus `--answer-weight` on each answer digit).
    `--variant memory` (the converted model), `local` (the converted model with its memory
    closed and kept closed: its gates are not trained), `interp` (the source model, full
-   attention, RoPE position interpolation by `--ft-mult`); `--train new` (only the
+   attention, RoPE position interpolation by `--interp-factor`); `--train new` (only the
    conversion's new parameters: gates, write strengths, decays) or `all`. `interp` has no
    new parameters: it always trains all. `local` with `--train new` has nothing that can
    change its outputs (the closed gate disconnects the rest), so its fine-tune is skipped.
@@ -82,7 +83,7 @@ QUESTION = "\n# What is the pass key? The pass key is {key}"
 KEY_DIGITS = 5
 SMOKE = dict(
     packages=["json"], context=64, hidden_dim=32, intermediate_dim=64, layers=2, heads=4,
-    kv_heads=2, pretrain_steps=6, pretrain_batch=4, pretrain_minutes=5.0, ft_mult=4,
+    kv_heads=2, pretrain_steps=6, pretrain_batch=4, pretrain_minutes=5.0, ft_mult=[4],
     ft_steps=3, ft_batch=2, ft_minutes=5.0, eval_mults=[2, 4], eval_samples=2,
     long_windows=1, short_windows=2, depth_bins=3,
 )
@@ -150,26 +151,34 @@ class FinetuneData(keras.utils.PyDataset):
     digit of the key's repetition inside the statement (a local copy)."""
 
     def __init__(self, stream, length, batch, steps, seed, context, passkey_fraction,
-                 answer_weight, aux_weight=1.0):
+                 answer_weight, aux_weight=1.0, curriculum=None):
         super().__init__()
         self.stream, self.length, self.batch, self.steps = stream, length, batch, steps
         self.seed, self.context = seed, context
         self.passkey_fraction, self.answer_weight = passkey_fraction, answer_weight
         self.aux_weight = aux_weight
+        # [(length, batch), ...]: equal shares of the steps, in order (a length curriculum)
+        self.curriculum = list(curriculum) if curriculum else [(length, batch)]
 
     def __len__(self):
         return self.steps
 
+    def stage(self, index):
+        """(length, batch) of step `index`."""
+        return self.curriculum[min(len(self.curriculum) - 1,
+                                   index * len(self.curriculum) // max(1, self.steps))]
+
     def __getitem__(self, index):
         rng = np.random.default_rng([self.seed, 31, index])
+        length, batch = self.stage(index)
         xs, ys, ws = [], [], []
-        for _ in range(self.batch):
+        for _ in range(batch):
             if rng.random() < self.passkey_fraction:
-                x, y, answer, aux = passkey_row(self.stream, self.length, rng, self.context)
+                x, y, answer, aux = passkey_row(self.stream, length, rng, self.context)
                 w = np.where(answer, self.answer_weight, np.where(aux, self.aux_weight, 1.0))
             else:
-                x, y = text_row(self.stream, self.length, rng)
-                w = np.ones(self.length)
+                x, y = text_row(self.stream, length, rng)
+                w = np.ones(length)
             xs.append(x), ys.append(y), ws.append(w)
         x = np.stack(xs).astype("int32")
         return ({"token_ids": x, "padding_mask": np.ones_like(x)}, np.stack(ys).astype("int32"),
@@ -341,6 +350,14 @@ def run_name(args):
     return f"{args.variant}-{train}-s{args.seed}"
 
 
+def curriculum(args):
+    """[(window length, batch), ...] of the fine-tune: one stage per `--ft-mult`, equal shares
+    of the steps, the batch scaled to keep the first stage's tokens per step."""
+    first = args.ft_mult[0]
+    return [(args.context * mult, max(1, round(args.ft_batch * first / mult)))
+            for mult in args.ft_mult]
+
+
 def interpolated(source, factor):
     """The source with RoPE position interpolation by `factor` (same weights)."""
     config = dict(source.backbone.get_config(), rope_position_scaling_factor=float(factor))
@@ -373,7 +390,8 @@ def stage_finetune(args, out):
                 variable.trainable = train == "all" or id(variable) in memory
     trainable = sum(int(np.prod(v.shape)) for v in lm.trainable_weights)
     info = dict(variant=args.variant, train=train, seed=args.seed, note=note,
-                length=args.context * args.ft_mult, batch=args.ft_batch,
+                length=[length for length, _ in curriculum(args)],
+                batch=[batch for _, batch in curriculum(args)],
                 trainable_params=trainable, gates_before=gates_before,
                 backend=keras.backend.backend(),
                 args={k: v for k, v in vars(args).items() if k.startswith(("ft_", "pass",
@@ -384,14 +402,16 @@ def stage_finetune(args, out):
         print(f"finetune {name}: the closed gate disconnects every new parameter; "
               "no fine-tune (the converted model as it is)")
     else:
-        length = args.context * args.ft_mult
-        if not full_attention_fits(lm, length, args.ft_batch * 3, args.full_attention_mb):
-            raise SystemExit(f"finetune {name}: {length} tokens of full attention do not "
-                             f"fit --full-attention-mb={args.full_attention_mb}")
+        stages = curriculum(args)
+        for length, batch in stages:
+            if not full_attention_fits(lm, length, batch * 3, args.full_attention_mb):
+                raise SystemExit(f"finetune {name}: {length} tokens of full attention do "
+                                 f"not fit --full-attention-mb={args.full_attention_mb}")
         stream, _ = load_streams(args)
-        data = FinetuneData(stream, length, args.ft_batch, args.ft_steps, args.seed,
+        data = FinetuneData(stream, stages[0][0], stages[0][1], args.ft_steps, args.seed,
                             args.context, args.passkey_fraction, args.answer_weight,
-                            args.aux_weight)
+                            args.aux_weight, curriculum=stages)
+        length = " -> ".join(f"{b} x {n}" for n, b in stages)
         lr = args.ft_lr if train == "new" else args.ft_lr_all
         if is_infini(lm):
             optimizer = lm.memory_optimizer(schedule(lr, args.ft_steps), weight_decay=0.0,
@@ -401,7 +421,7 @@ def stage_finetune(args, out):
                                                clipnorm=1.0)
         stats = fit(lm, data, optimizer, args.ft_minutes, args.verbose)
         info.update(stats, lr=lr)
-        print(f"finetune {name}: {stats['steps']} steps of {args.ft_batch} x {length} tokens "
+        print(f"finetune {name}: {stats['steps']} steps of {length} tokens "
               f"in {stats['seconds']} s, last loss {stats['last_loss']:.3f}")
     info["gates_after"] = gates(lm)
     if info["gates_after"] is not None:
@@ -646,8 +666,10 @@ def parse_args(argv):
     p.add_argument("--variant", choices=VARIANTS, default="memory")
     p.add_argument("--train", choices=("new", "all"), default="new",
                    help="fine-tune only the new memory parameters, or every weight")
-    p.add_argument("--ft-mult", type=int, default=16,
-                   help="fine-tuning window in multiples of the context")
+    p.add_argument("--ft-mult", type=int, nargs="+", default=[16],
+                   help="fine-tuning window in multiples of the context; several (e.g. "
+                        "2 4 8) make a curriculum: equal shares of --ft-steps in order, "
+                        "the batch scaled to keep the first stage's tokens per step")
     p.add_argument("--ft-steps", type=int, default=400)
     p.add_argument("--ft-batch", type=int, default=2)
     p.add_argument("--ft-minutes", type=float, default=10.0,
@@ -685,7 +707,9 @@ def parse_args(argv):
         for key, value in SMOKE.items():
             if "--" + key.replace("_", "-") not in given:
                 setattr(args, key, value)
-    if args.context * min(args.eval_mults + [args.ft_mult]) < passkey_overhead() + 8:
+    if min(args.ft_mult) < 1:
+        p.error(f"--ft-mult must be positive multiples of the context, got {args.ft_mult}")
+    if args.context * min(args.eval_mults + args.ft_mult) < passkey_overhead() + 8:
         p.error(f"--context too short for the passkey ({passkey_overhead()} tokens)")
     if args.gate_init and args.variant == "local":
         p.error(f"--gate-init {args.gate_init} with --variant local: local-only keeps "

@@ -149,3 +149,25 @@ def test_gate_init_opens_the_converted_gates(script, tmp_path):
         with contextlib.redirect_stderr(io.StringIO()) as err:
             run(script, tmp_path / "bad", "--gate-init", "0.3", "--variant", "local")
     assert "--gate-init" in err.getvalue()
+
+
+def test_length_curriculum(script, tmp_path):
+    """`--ft-mult 2 4`: the fine-tune's steps split in order into 2x windows (the given
+    batch) then 4x windows (half the batch, the same tokens per step); a non-positive
+    multiple is refused by name."""
+    run(script, tmp_path, "--stages", "pretrain", "convert", "finetune", "--ft-mult", "2",
+        "4", "--ft-steps", "4", "--train", "all")
+    import json
+
+    info = json.load(open(tmp_path / "memory-all-s0_finetune.json"))
+    assert info["length"] == [128, 256] and info["batch"] == [2, 1] and info["steps"] == 4
+    stream = np.arange(5000) % 200
+    data = script.FinetuneData(stream, 128, 2, 6, 0, 64, 0.5, 20.0,
+                               curriculum=[(128, 2), (256, 1), (512, 1)])
+    shapes = [(data[i][0]["token_ids"].shape, data[i][1].shape, data[i][2].shape)
+              for i in range(6)]
+    assert shapes == [((2, 128),) * 3] * 2 + [((1, 256),) * 3] * 2 + [((1, 512),) * 3] * 2
+    with pytest.raises(SystemExit):
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            run(script, tmp_path / "bad", "--ft-mult", "2", "0")
+    assert "--ft-mult" in err.getvalue()
