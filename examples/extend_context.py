@@ -157,25 +157,27 @@ class FinetuneData(keras.utils.PyDataset):
         self.seed, self.context = seed, context
         self.passkey_fraction, self.answer_weight = passkey_fraction, answer_weight
         self.aux_weight = aux_weight
-        # [(length, batch), ...]: equal shares of the steps, in order (a length curriculum)
-        self.curriculum = list(curriculum) if curriculum else [(length, batch)]
+        # [(length, batch[, answer_weight]), ...]: equal shares of the steps, in order (a
+        # length curriculum)
+        self.curriculum = [tuple(stage) + (answer_weight,) * (3 - len(stage))
+                           for stage in (curriculum or [(length, batch)])]
 
     def __len__(self):
         return self.steps
 
     def stage(self, index):
-        """(length, batch) of step `index`."""
+        """(length, batch, answer_weight) of step `index`."""
         return self.curriculum[min(len(self.curriculum) - 1,
                                    index * len(self.curriculum) // max(1, self.steps))]
 
     def __getitem__(self, index):
         rng = np.random.default_rng([self.seed, 31, index])
-        length, batch = self.stage(index)
+        length, batch, answer_weight = self.stage(index)
         xs, ys, ws = [], [], []
         for _ in range(batch):
             if rng.random() < self.passkey_fraction:
                 x, y, answer, aux = passkey_row(self.stream, length, rng, self.context)
-                w = np.where(answer, self.answer_weight, np.where(aux, self.aux_weight, 1.0))
+                w = np.where(answer, answer_weight, np.where(aux, self.aux_weight, 1.0))
             else:
                 x, y = text_row(self.stream, length, rng)
                 w = np.ones(length)
@@ -351,10 +353,12 @@ def run_name(args):
 
 
 def curriculum(args):
-    """[(window length, batch), ...] of the fine-tune: one stage per `--ft-mult`, equal shares
-    of the steps, the batch scaled to keep the first stage's tokens per step."""
+    """[(window length, batch, answer weight), ...] of the fine-tune: one stage per
+    `--ft-mult`, equal shares of the steps, the batch scaled to keep the first stage's
+    tokens per step, the answer weight by the window's length (`--scale-answer-weight`)."""
     first = args.ft_mult[0]
-    return [(args.context * mult, max(1, round(args.ft_batch * first / mult)))
+    return [(args.context * mult, max(1, round(args.ft_batch * first / mult)),
+             args.answer_weight * (mult / first if args.scale_answer_weight else 1.0))
             for mult in args.ft_mult]
 
 
@@ -390,8 +394,9 @@ def stage_finetune(args, out):
                 variable.trainable = train == "all" or id(variable) in memory
     trainable = sum(int(np.prod(v.shape)) for v in lm.trainable_weights)
     info = dict(variant=args.variant, train=train, seed=args.seed, note=note,
-                length=[length for length, _ in curriculum(args)],
-                batch=[batch for _, batch in curriculum(args)],
+                length=[stage[0] for stage in curriculum(args)],
+                batch=[stage[1] for stage in curriculum(args)],
+                answer_weight=[stage[2] for stage in curriculum(args)],
                 trainable_params=trainable, gates_before=gates_before,
                 backend=keras.backend.backend(),
                 args={k: v for k, v in vars(args).items() if k.startswith(("ft_", "pass",
@@ -403,7 +408,7 @@ def stage_finetune(args, out):
               "no fine-tune (the converted model as it is)")
     else:
         stages = curriculum(args)
-        for length, batch in stages:
+        for length, batch, _ in stages:
             if not full_attention_fits(lm, length, batch * 3, args.full_attention_mb):
                 raise SystemExit(f"finetune {name}: {length} tokens of full attention do "
                                  f"not fit --full-attention-mb={args.full_attention_mb}")
@@ -411,7 +416,7 @@ def stage_finetune(args, out):
         data = FinetuneData(stream, stages[0][0], stages[0][1], args.ft_steps, args.seed,
                             args.context, args.passkey_fraction, args.answer_weight,
                             args.aux_weight, curriculum=stages)
-        length = " -> ".join(f"{b} x {n}" for n, b in stages)
+        length = " -> ".join(f"{b} x {n}" for n, b, _ in stages)
         lr = args.ft_lr if train == "new" else args.ft_lr_all
         if is_infini(lm):
             optimizer = lm.memory_optimizer(schedule(lr, args.ft_steps), weight_decay=0.0,
@@ -670,6 +675,10 @@ def parse_args(argv):
                    help="fine-tuning window in multiples of the context; several (e.g. "
                         "2 4 8) make a curriculum: equal shares of --ft-steps in order, "
                         "the batch scaled to keep the first stage's tokens per step")
+    p.add_argument("--scale-answer-weight", action="store_true",
+                   help="in a curriculum, multiply --answer-weight by each stage's window "
+                        "length over the first stage's (the answer keeps its share of a "
+                        "window's loss)")
     p.add_argument("--ft-steps", type=int, default=400)
     p.add_argument("--ft-batch", type=int, default=2)
     p.add_argument("--ft-minutes", type=float, default=10.0,

@@ -161,12 +161,20 @@ def test_length_curriculum(script, tmp_path):
 
     info = json.load(open(tmp_path / "memory-all-s0_finetune.json"))
     assert info["length"] == [128, 256] and info["batch"] == [2, 1] and info["steps"] == 4
+    assert info["answer_weight"] == [200.0, 200.0]
+    run(script, tmp_path / "scaled", "--stages", "pretrain", "convert", "finetune",
+        "--ft-mult", "2", "4", "--ft-steps", "2", "--scale-answer-weight")
+    info = json.load(open(tmp_path / "scaled" / "memory-new-s0_finetune.json"))
+    assert info["answer_weight"] == [200.0, 400.0]
     stream = np.arange(5000) % 200
-    data = script.FinetuneData(stream, 128, 2, 6, 0, 64, 0.5, 20.0,
-                               curriculum=[(128, 2), (256, 1), (512, 1)])
+    data = script.FinetuneData(stream, 128, 2, 6, 0, 64, 1.0, 20.0, aux_weight=1.0,
+                               curriculum=[(128, 2), (256, 1), (512, 1, 80.0)])
     shapes = [(data[i][0]["token_ids"].shape, data[i][1].shape, data[i][2].shape)
               for i in range(6)]
     assert shapes == [((2, 128),) * 3] * 2 + [((1, 256),) * 3] * 2 + [((1, 512),) * 3] * 2
+    # the answer (last 5 targets) carries the stage's weight, text 1
+    assert np.all(data[0][2][:, -5:] == 20.0) and np.all(data[5][2][:, -5:] == 80.0)
+    assert data[5][2][0, 0] == 1.0
     with pytest.raises(SystemExit):
         with contextlib.redirect_stderr(io.StringIO()) as err:
             run(script, tmp_path / "bad", "--ft-mult", "2", "0")
