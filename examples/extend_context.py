@@ -273,17 +273,39 @@ class TimeLimit(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class LossCurve(keras.callbacks.Callback):
+    """The mean training loss of every `every` steps (from Keras' running epoch mean)."""
+
+    def __init__(self, every=100):
+        super().__init__()
+        self.every, self.curve, self.total, self.mark = every, [], 0.0, (0, 0.0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs and "loss" in logs:
+            self.total = float(logs["loss"]) * (batch + 1)  # running mean -> running sum
+            if (batch + 1) % self.every == 0:
+                self.flush(batch + 1)
+
+    def flush(self, steps):
+        if steps > self.mark[0]:
+            self.curve.append(round((self.total - self.mark[1]) / (steps - self.mark[0]), 4))
+            self.mark = (steps, self.total)
+
+
 def fit(lm, data, optimizer, minutes, verbose):
     lm.compile(optimizer=optimizer,
                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                weighted_metrics=[], sampler="greedy")
-    limit = TimeLimit(minutes)
+    limit, curve = TimeLimit(minutes), LossCurve()
     start = time.perf_counter()
     # Keras' own fit: keras-hub's (PipelineModel) turns its inputs into a tf.data
     # pipeline, which refuses a PyDataset of dicts; there is no preprocessor to apply.
-    history = keras.Model.fit(lm, data, epochs=1, verbose=verbose, callbacks=[limit])
-    return dict(steps=int(keras.ops.convert_to_numpy(optimizer.iterations)), seconds=round(time.perf_counter() - start, 1),
-                last_loss=float(history.history["loss"][-1]))
+    history = keras.Model.fit(lm, data, epochs=1, verbose=verbose, callbacks=[limit, curve])
+    steps = int(keras.ops.convert_to_numpy(optimizer.iterations))
+    curve.flush(steps)
+    return dict(steps=steps, seconds=round(time.perf_counter() - start, 1),
+                last_loss=float(history.history["loss"][-1]),
+                loss_curve=dict(every=curve.every, mean_loss=curve.curve))
 
 
 def schedule(lr, steps):

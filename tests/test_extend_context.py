@@ -162,6 +162,9 @@ def test_length_curriculum(script, tmp_path):
     info = json.load(open(tmp_path / "memory-all-s0_finetune.json"))
     assert info["length"] == [128, 256] and info["batch"] == [2, 1] and info["steps"] == 4
     assert info["answer_weight"] == [200.0, 200.0]
+    assert info["loss_curve"]["every"] == 100 and len(info["loss_curve"]["mean_loss"]) == 1
+    np.testing.assert_allclose(info["loss_curve"]["mean_loss"][0], info["last_loss"],
+                               rtol=1e-4)
     run(script, tmp_path / "scaled", "--stages", "pretrain", "convert", "finetune",
         "--ft-mult", "2", "4", "--ft-steps", "2", "--scale-answer-weight")
     info = json.load(open(tmp_path / "scaled" / "memory-new-s0_finetune.json"))
@@ -179,3 +182,13 @@ def test_length_curriculum(script, tmp_path):
         with contextlib.redirect_stderr(io.StringIO()) as err:
             run(script, tmp_path / "bad", "--ft-mult", "2", "0")
     assert "--ft-mult" in err.getvalue()
+
+
+def test_loss_curve_means_per_chunk(script):
+    """`LossCurve` turns Keras' running epoch mean into the mean of each chunk of steps."""
+    losses = np.arange(1.0, 8.0)  # 7 steps
+    curve = script.LossCurve(every=3)
+    for step, _ in enumerate(losses):
+        curve.on_train_batch_end(step, {"loss": losses[:step + 1].mean()})
+    curve.flush(len(losses))
+    np.testing.assert_allclose(curve.curve, [2.0, 5.0, 7.0])
