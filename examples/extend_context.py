@@ -259,17 +259,19 @@ def write_json(path, data):
 
 
 class TimeLimit(keras.callbacks.Callback):
-    """Stops `fit` after `minutes` of wall time."""
+    """Stops `fit` after `minutes` of wall time, or after `stop_step` steps (the schedule
+    stays the one of all the steps)."""
 
-    def __init__(self, minutes):
+    def __init__(self, minutes, stop_step=None):
         super().__init__()
-        self.limit, self.start = minutes * 60.0, None
+        self.limit, self.stop_step, self.start = minutes * 60.0, stop_step, None
 
     def on_train_begin(self, logs=None):
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        if time.perf_counter() - self.start > self.limit:
+        if time.perf_counter() - self.start > self.limit or (
+                self.stop_step is not None and batch + 1 >= self.stop_step):
             self.model.stop_training = True
 
 
@@ -292,11 +294,11 @@ class LossCurve(keras.callbacks.Callback):
             self.mark = (steps, self.total)
 
 
-def fit(lm, data, optimizer, minutes, verbose):
+def fit(lm, data, optimizer, minutes, verbose, stop_step=None):
     lm.compile(optimizer=optimizer,
                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                weighted_metrics=[], sampler="greedy")
-    limit, curve = TimeLimit(minutes), LossCurve()
+    limit, curve = TimeLimit(minutes, stop_step), LossCurve()
     start = time.perf_counter()
     # Keras' own fit: keras-hub's (PipelineModel) turns its inputs into a tf.data
     # pipeline, which refuses a PyDataset of dicts; there is no preprocessor to apply.
@@ -446,7 +448,7 @@ def stage_finetune(args, out):
         else:
             optimizer = keras.optimizers.AdamW(schedule(lr, args.ft_steps), weight_decay=0.0,
                                                clipnorm=1.0)
-        stats = fit(lm, data, optimizer, args.ft_minutes, args.verbose)
+        stats = fit(lm, data, optimizer, args.ft_minutes, args.verbose, args.ft_stop_step)
         info.update(stats, lr=lr)
         print(f"finetune {name}: {stats['steps']} steps of {length} tokens "
               f"in {stats['seconds']} s, last loss {stats['last_loss']:.3f}")
@@ -702,6 +704,9 @@ def parse_args(argv):
                         "length over the first stage's (the answer keeps its share of a "
                         "window's loss)")
     p.add_argument("--ft-steps", type=int, default=400)
+    p.add_argument("--ft-stop-step", type=int, default=None,
+                   help="stop after this many steps of the --ft-steps schedule (a look at "
+                        "a model part way, e.g. at a curriculum's stage boundary)")
     p.add_argument("--ft-batch", type=int, default=2)
     p.add_argument("--ft-minutes", type=float, default=10.0,
                    help="wall-time cap of one fine-tune (stops early)")
@@ -738,6 +743,9 @@ def parse_args(argv):
         for key, value in SMOKE.items():
             if "--" + key.replace("_", "-") not in given:
                 setattr(args, key, value)
+    if args.ft_stop_step is not None and not 1 <= args.ft_stop_step <= args.ft_steps:
+        p.error(f"--ft-stop-step must lie in [1, --ft-steps={args.ft_steps}], got "
+                f"{args.ft_stop_step}")
     if min(args.ft_mult) < 1:
         p.error(f"--ft-mult must be positive multiples of the context, got {args.ft_mult}")
     if args.context * min(args.eval_mults + args.ft_mult) < passkey_overhead() + 8:

@@ -169,6 +169,14 @@ def test_length_curriculum(script, tmp_path):
         "--ft-mult", "2", "4", "--ft-steps", "2", "--scale-answer-weight")
     info = json.load(open(tmp_path / "scaled" / "memory-new-s0_finetune.json"))
     assert info["answer_weight"] == [200.0, 400.0]
+    # --ft-stop-step: part of the schedule, then saved as usual
+    run(script, tmp_path / "part", "--stages", "pretrain", "convert", "finetune",
+        "--ft-steps", "5", "--ft-stop-step", "2")
+    assert json.load(open(tmp_path / "part" / "memory-new-s0_finetune.json"))["steps"] == 2
+    with pytest.raises(SystemExit):
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            run(script, tmp_path / "bad", "--ft-steps", "5", "--ft-stop-step", "6")
+    assert "--ft-stop-step" in err.getvalue()
     stream = np.arange(5000) % 200
     data = script.FinetuneData(stream, 128, 2, 6, 0, 64, 1.0, 20.0, aux_weight=1.0,
                                curriculum=[(128, 2), (256, 1), (512, 1, 80.0)])
