@@ -265,14 +265,17 @@ class TimeLimit(keras.callbacks.Callback):
     def __init__(self, minutes, stop_step=None):
         super().__init__()
         self.limit, self.stop_step, self.start = minutes * 60.0, stop_step, None
+        self.steps, self.stopped = 0, False  # over every `fit` call it is given to
 
     def on_train_begin(self, logs=None):
-        self.start = time.perf_counter()
+        if self.start is None:
+            self.start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
         if time.perf_counter() - self.start > self.limit or (
-                self.stop_step is not None and batch + 1 >= self.stop_step):
-            self.model.stop_training = True
+                self.stop_step is not None and self.steps >= self.stop_step):
+            self.model.stop_training = self.stopped = True
 
 
 class LossCurve(keras.callbacks.Callback):
@@ -280,18 +283,51 @@ class LossCurve(keras.callbacks.Callback):
 
     def __init__(self, every=100):
         super().__init__()
-        self.every, self.curve, self.total, self.mark = every, [], 0.0, (0, 0.0)
+        self.every, self.curve = every, []
+        self.on_train_begin()
+
+    def on_train_begin(self, logs=None):  # each `fit` call (curriculum stage) starts anew
+        self.total, self.mark, self.seen = 0.0, (0, 0.0), 0
 
     def on_train_batch_end(self, batch, logs=None):
         if logs and "loss" in logs:
             self.total = float(logs["loss"]) * (batch + 1)  # running mean -> running sum
+            self.seen = batch + 1
             if (batch + 1) % self.every == 0:
                 self.flush(batch + 1)
+
+    def on_train_end(self, logs=None):
+        self.flush(self.seen)
 
     def flush(self, steps):
         if steps > self.mark[0]:
             self.curve.append(round((self.total - self.mark[1]) / (steps - self.mark[0]), 4))
             self.mark = (steps, self.total)
+
+
+class StageData(keras.utils.PyDataset):
+    """Steps `[first, first + count)` of a `FinetuneData`: one curriculum stage, fed to its
+    own `fit` call (TensorFlow's PyDataset adapter fixes the window shape at the first
+    batch, so the lengths cannot change inside one call)."""
+
+    def __init__(self, data, first, count):
+        super().__init__()
+        self.data, self.first, self.count = data, first, count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        return self.data[self.first + index]
+
+
+def stage_slices(data):
+    """`FinetuneData` -> one `StageData` per curriculum stage (equal shares, in order)."""
+    if len(data.curriculum) == 1:
+        return [data]
+    firsts = [i for i in range(data.steps) if i == 0 or data.stage(i) != data.stage(i - 1)]
+    ends = firsts[1:] + [data.steps]
+    return [StageData(data, a, b - a) for a, b in zip(firsts, ends)]
 
 
 def fit(lm, data, optimizer, minutes, verbose, stop_step=None):
@@ -300,11 +336,14 @@ def fit(lm, data, optimizer, minutes, verbose, stop_step=None):
                weighted_metrics=[], sampler="greedy")
     limit, curve = TimeLimit(minutes, stop_step), LossCurve()
     start = time.perf_counter()
-    # Keras' own fit: keras-hub's (PipelineModel) turns its inputs into a tf.data
-    # pipeline, which refuses a PyDataset of dicts; there is no preprocessor to apply.
-    history = keras.Model.fit(lm, data, epochs=1, verbose=verbose, callbacks=[limit, curve])
+    for part in (stage_slices(data) if isinstance(data, FinetuneData) else [data]):
+        # Keras' own fit: keras-hub's (PipelineModel) turns its inputs into a tf.data
+        # pipeline, which refuses a PyDataset of dicts; there is no preprocessor to apply.
+        history = keras.Model.fit(lm, part, epochs=1, verbose=verbose,
+                                  callbacks=[limit, curve])
+        if limit.stopped:
+            break
     steps = int(keras.ops.convert_to_numpy(optimizer.iterations))
-    curve.flush(steps)
     return dict(steps=steps, seconds=round(time.perf_counter() - start, 1),
                 last_loss=float(history.history["loss"][-1]),
                 loss_curve=dict(every=curve.every, mean_loss=curve.curve))
