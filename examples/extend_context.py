@@ -330,13 +330,15 @@ def stage_slices(data):
     return [StageData(data, a, b - a) for a, b in zip(firsts, ends)]
 
 
-def fit(lm, data, optimizer, minutes, verbose, stop_step=None):
+def fit(lm, parts, optimizer, minutes, verbose, stop_step=None):
+    """Trains on each dataset of `parts` in turn (one `fit` call each: the curriculum's
+    stages), under one time limit and step limit; returns steps, time, loss curve."""
     lm.compile(optimizer=optimizer,
                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                weighted_metrics=[], sampler="greedy")
     limit, curve = TimeLimit(minutes, stop_step), LossCurve()
     start = time.perf_counter()
-    for part in (stage_slices(data) if isinstance(data, FinetuneData) else [data]):
+    for part in parts:
         # Keras' own fit: keras-hub's (PipelineModel) turns its inputs into a tf.data
         # pipeline, which refuses a PyDataset of dicts; there is no preprocessor to apply.
         history = keras.Model.fit(lm, part, epochs=1, verbose=verbose,
@@ -389,7 +391,7 @@ def stage_pretrain(args, out):
                                                    seed=args.pretrain_seed))
     optimizer = keras.optimizers.AdamW(schedule(args.pretrain_lr, args.pretrain_steps),
                                        weight_decay=0.01, clipnorm=1.0)
-    stats = fit(lm, data, optimizer, args.pretrain_minutes, args.verbose)
+    stats = fit(lm, [data], optimizer, args.pretrain_minutes, args.verbose)
     save_preset(lm, path)
     write_json(os.path.join(out, "source_pretrain.json"),
                dict(stats, params=int(backbone.count_params()), backend=keras.backend.backend()))
@@ -456,10 +458,10 @@ def stage_finetune(args, out):
             else:
                 variable.trainable = train == "all" or id(variable) in memory
     trainable = sum(int(np.prod(v.shape)) for v in lm.trainable_weights)
+    stages = curriculum(args)
     info = dict(variant=args.variant, train=train, seed=args.seed, note=note,
-                length=[stage[0] for stage in curriculum(args)],
-                batch=[stage[1] for stage in curriculum(args)],
-                answer_weight=[stage[2] for stage in curriculum(args)],
+                length=[stage[0] for stage in stages], batch=[stage[1] for stage in stages],
+                answer_weight=[stage[2] for stage in stages],
                 trainable_params=trainable, gates_before=gates_before,
                 backend=keras.backend.backend(),
                 args={k: v for k, v in vars(args).items() if k.startswith(("ft_", "pass",
@@ -470,7 +472,6 @@ def stage_finetune(args, out):
         print(f"finetune {name}: the closed gate disconnects every new parameter; "
               "no fine-tune (the converted model as it is)")
     else:
-        stages = curriculum(args)
         for length, batch, _ in stages:
             if not full_attention_fits(lm, length, batch * 3, args.full_attention_mb):
                 raise SystemExit(f"finetune {name}: {length} tokens of full attention do "
@@ -487,7 +488,8 @@ def stage_finetune(args, out):
         else:
             optimizer = keras.optimizers.AdamW(schedule(lr, args.ft_steps), weight_decay=0.0,
                                                clipnorm=1.0)
-        stats = fit(lm, data, optimizer, args.ft_minutes, args.verbose, args.ft_stop_step)
+        stats = fit(lm, stage_slices(data), optimizer, args.ft_minutes, args.verbose,
+                    args.ft_stop_step)
         info.update(stats, lr=lr)
         print(f"finetune {name}: {stats['steps']} steps of {length} tokens "
               f"in {stats['seconds']} s, last loss {stats['last_loss']:.3f}")
